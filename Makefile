@@ -1,0 +1,38 @@
+# The README's commands. Everything runs inside .venv, created on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SCALE ?= cpu
+WORKERS ?= 2
+
+.PHONY: setup figures smoke test export clean-cache
+
+# (Re)install when the package metadata changes. torch/torchvision are pinned in settings.ini.
+$(VENV)/.installed: settings.ini setup.py pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+## Regenerate every figure notebook (nbs/paper, nbs/course) at $(SCALE) scale.
+figures: setup
+	$(BIN)/sm-regenerate --scale $(SCALE) --workers $(WORKERS)
+
+## The same at smoke scale (seconds; outputs go to figures/smoke/, not committed).
+smoke:
+	$(MAKE) figures SCALE=smoke
+
+## Library notebooks' inline tests, then pytest (which runs every figure notebook at smoke scale).
+test: setup
+	SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2
+	SM_PROGRESS=0 $(BIN)/python -m pytest -q tests
+
+## Export the package from the notebooks and strip notebook outputs (run before committing).
+export: setup
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,13 @@
+import os, sys, tempfile
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    "A private run cache so a test never reads what an earlier run trained."
+    monkeypatch.setenv('SM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('SM_PROGRESS', '0')
+    return tmp_path / 'cache'

@@ -1,0 +1,45 @@
+"""Notebook hygiene: figure notebooks are papermill-ready and committed clean; the package matches
+the notebooks it is exported from."""
+import filecmp, shutil, subprocess, sys
+from pathlib import Path
+import nbformat
+import pytest
+from silent_majority.regenerate import figure_notebooks
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURE_NBS = figure_notebooks(ROOT / 'nbs')
+LIBRARY_NBS = sorted((ROOT / 'nbs').glob('*.ipynb'))
+REQUIRED_PARAMS = ('scale', 'dataset', 'seed', 'out_dir')
+
+
+@pytest.mark.parametrize('path', FIGURE_NBS, ids=lambda p: p.stem)
+def test_figure_notebook_is_papermill_ready(path):
+    nb = nbformat.read(str(path), as_version=4)
+    tagged = [c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])]
+    assert len(tagged) == 1, f'{path.name}: {len(tagged)} cells tagged "parameters" (want 1)'
+    src = tagged[0].source
+    for name in REQUIRED_PARAMS:
+        assert any(line.split(':')[0].split('=')[0].strip() == name for line in src.splitlines()), f'{path.name}: no {name} parameter'
+    assert nb.metadata.get('kernelspec', {}).get('name') == 'python3'
+    assert nb.cells[0].cell_type == 'markdown', 'a caption cell comes first'
+
+
+@pytest.mark.parametrize('path', FIGURE_NBS + LIBRARY_NBS, ids=lambda p: p.stem)
+def test_notebook_committed_without_outputs(path):
+    nb = nbformat.read(str(path), as_version=4)
+    outs = sum(len(c.get('outputs', [])) for c in nb.cells if c.cell_type == 'code')
+    counts = [c.execution_count for c in nb.cells if c.cell_type == 'code' and c.execution_count]
+    assert outs == 0 and not counts, f'{path.name}: {outs} stored outputs; run nbdev_clean'
+
+
+def test_package_matches_notebooks(tmp_path):
+    "nbdev_export on a copy of the notebooks reproduces silent_majority/ byte for byte."
+    for name in ('nbs', 'silent_majority'):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / 'settings.ini', tmp_path / 'settings.ini')
+    exe = Path(sys.executable).parent / 'nbdev_export'
+    subprocess.run([str(exe)], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    diff = filecmp.dircmp(ROOT / 'silent_majority', tmp_path / 'silent_majority', ignore=['__pycache__'])
+    assert not diff.diff_files and not diff.left_only and not diff.right_only, (
+        f'package out of sync with nbs/: differing {diff.diff_files}, only in package {diff.left_only}, '
+        f'only exported {diff.right_only}; run nbdev_export')
