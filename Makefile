@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SCALE ?= cpu
 WORKERS ?= 2
 
-.PHONY: setup figures smoke test export clean-cache
+.PHONY: setup figures smoke test bench export clean-cache
 
 # (Re)install when the package metadata changes. torch/torchvision are pinned in settings.ini.
 $(VENV)/.installed: settings.ini setup.py pyproject.toml
@@ -28,6 +28,10 @@ smoke:
 test: setup
 	SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2
 	SM_PROGRESS=0 $(BIN)/python -m pytest -q tests
+
+## Speed benchmarks (ratios measured in one process; not a test): writes figures/bench_*.json.
+bench: setup
+	$(BIN)/sm-bench --scale $(SCALE)
 
 ## Export the package from the notebooks and strip notebook outputs (run before committing).
 export: setup

@@ -5,11 +5,13 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #ffb2886d
-from . import core, data, models, train, plots
+# %% ../nbs/99_all.ipynb #a62da4a9
+from . import core, data, models, train, neurons, tracing, plots
 from .core import *
 from .data import *
 from .models import *
 from .train import *
+from .neurons import *
+from .tracing import *
 from .plots import *
-__all__ = [n for m in (core, data, models, train, plots) for n in m.__all__]
+__all__ = [n for m in (core, data, models, train, neurons, tracing, plots) for n in m.__all__]
