@@ -43,3 +43,12 @@ def test_package_matches_notebooks(tmp_path):
     assert not diff.diff_files and not diff.left_only and not diff.right_only, (
         f'package out of sync with nbs/: differing {diff.diff_files}, only in package {diff.left_only}, '
         f'only exported {diff.right_only}; run nbdev_export')
+
+
+def test_readme_results_match_committed_figures(tmp_path):
+    "The README's results tables are exactly what `refresh_readme` writes from the committed sidecars."
+    from silent_majority.regenerate import refresh_readme
+    copy = tmp_path / 'README.md'
+    shutil.copy(ROOT / 'README.md', copy)
+    changed = refresh_readme(copy, ROOT / 'figures', ROOT / 'nbs')
+    assert not changed, f'README blocks {changed} differ from the figures; run sm-regenerate --scale cpu (or refresh_readme())'
