@@ -5,13 +5,18 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #a62da4a9
-from . import core, data, models, train, neurons, tracing, plots
+# %% ../nbs/99_all.ipynb #5bdd9c23
+from . import core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive
+_MODULES = (core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive)  # before `finetune` the function shadows the module
 from .core import *
 from .data import *
 from .models import *
 from .train import *
 from .neurons import *
 from .tracing import *
+from .finetune import *
 from .plots import *
-__all__ = [n for m in (core, data, models, train, neurons, tracing, plots) for n in m.__all__]
+from .classify import *
+from .pruning import *
+from .contrastive import *
+__all__ = [n for m in _MODULES for n in m.__all__]
