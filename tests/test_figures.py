@@ -1,37 +1,69 @@
 """Every figure notebook, run through papermill at smoke scale in fresh kernels (the only place
 parameter injection is exercised), and the regeneration command's failure reporting."""
-import json, subprocess, sys
+import importlib.util, json, os, subprocess, sys
 from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
-from silent_majority.regenerate import figure_notebooks, regenerate, format_table
+from silent_majority.regenerate import figure_notebooks, natural_key, regenerate, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = figure_notebooks(ROOT / 'nbs')
 SM_REGENERATE = str(Path(sys.executable).parent / 'sm-regenerate')   # the console script of this venv
 
 
+NONET = ROOT / 'tests' / 'nonet'    # its sitecustomize.py disables networking in every process that starts with it
+
+
+def _nonet_module():
+    spec = importlib.util.spec_from_file_location('sm_nonet', NONET / 'sitecustomize.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
+
+
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
-    import os
+    "The smoke regeneration of every figure notebook, with networking disabled in this process and every child."
     tmp = tmp_path_factory.mktemp('smoke')
-    old = {k: os.environ.get(k) for k in ('SM_CACHE', 'SM_PROGRESS')}
-    os.environ.update(SM_CACHE=str(tmp / 'cache'), SM_PROGRESS='0')
+    keys = ('SM_CACHE', 'SM_PROGRESS', 'PYTHONPATH', 'SM_NONET', 'SM_NONET_LOG')
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(SM_CACHE=str(tmp / 'cache'), SM_PROGRESS='0', SM_NONET='1', SM_NONET_LOG=str(tmp / 'network.log'),
+                      PYTHONPATH=os.pathsep.join([str(NONET)] + ([old['PYTHONPATH']] if old['PYTHONPATH'] else [])))
+    nonet = _nonet_module(); nonet.install()
     try:
         results = regenerate('smoke', workers=2, out_dir=tmp / 'figures', executed_dir=tmp / 'executed')
     finally:
+        nonet.uninstall()
         for k, v in old.items():
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
     return tmp, {r['id']: r for r in results}
 
 
+def test_smoke_regeneration_never_reached_the_network(smoke_run):
+    tmp, results = smoke_run
+    assert all(r['status'] == 'ok' for r in results.values())
+    log = tmp / 'network.log'
+    assert not log.exists(), f'network access attempted during the smoke regeneration:\n{log.read_text()}'
+
+
+def test_the_network_guard_works_in_child_processes(tmp_path):
+    "The guard the smoke run relies on: a child process started like the kernels cannot connect out, but can use loopback."
+    env = dict(os.environ, SM_NONET='1', SM_NONET_LOG=str(tmp_path / 'net.log'), PYTHONPATH=str(NONET))
+    code = ("import socket, urllib.request\n"
+            "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(); socket.create_connection(srv.getsockname()).close()\n"
+            "try: urllib.request.urlopen('http://example.com', timeout=5)\n"
+            "except OSError as e: print('blocked:', e)\n")
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
+    assert 'blocked: <urlopen error network access is disabled' in out.stdout, out.stdout + out.stderr
+    assert "connect ('example.com', 80)" in (tmp_path / 'net.log').read_text()
+
+
 def test_there_are_figure_notebooks():
     paper = [p.stem for p in NOTEBOOKS if p.parent.name == 'paper']
     course = [p.stem for p in NOTEBOOKS if p.parent.name == 'course']
     assert {'fig1_group_gap', 'fig2_zero_topk', 'fig6_finetune_wga'} <= set(paper) and len(course) == 4
-    assert paper == sorted(paper) and course == sorted(course)   # a stable order
+    assert paper == sorted(paper, key=natural_key) and course == sorted(course, key=natural_key)   # a stable order
+    assert paper.index('fig2_zero_topk') < paper.index('fig10_gradcam')
 
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.stem)
@@ -51,6 +83,16 @@ def test_notebook_runs_at_smoke_scale(smoke_run, nb):
     assert not pd.read_csv(out / f'{nb.stem}.csv').empty
     executed = nbformat.read(r['executed'], as_version=4)
     assert any('injected-parameters' in c.metadata.get('tags', []) for c in executed.cells)
+
+
+def test_gallery_of_the_smoke_figures(smoke_run):
+    from silent_majority.regenerate import write_gallery
+    tmp, results = smoke_run
+    text = write_gallery(tmp / 'figures', ROOT / 'nbs').read_text()
+    assert text.startswith('# Figure gallery (smoke scale)') and 'Not regenerated yet' not in text
+    for i in results:
+        assert f'![{i}]({i}.png)' in text and f'[csv]({i}.csv)' in text
+    assert text.count('Provenance: scale `smoke`') == len(results)
 
 
 def test_fig1_outputs(smoke_run):
@@ -88,6 +130,17 @@ def test_failing_notebook_is_reported_and_others_finish(tmp_path, fresh_cache):
     assert fail[0].endswith('ValueError: no such column: wga'), fail[0]
     kept = fresh_cache / 'executed' / 'smoke' / 'b_bad.ipynb'
     assert kept.exists()                                   # the executed failing notebook is kept for inspection
+
+
+def test_parameters_of_the_wrong_type_are_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([SM_REGENERATE, '--scale', 'smoke', '--only', 'fig1_group_gap', 'c1_spuco_jtt', '-p', 'seed=abc',
+                           '--out-dir', str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "fig1_group_gap: parameter seed must be int, got 'abc' (str)" in proc.stderr
+    proc = subprocess.run([SM_REGENERATE, '--scale', 'smoke', '--only', 'fig1_group_gap', '-p', 'sede=1',
+                           '--out-dir', str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "fig1_group_gap has no parameter(s) ['sede']" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())                   # nothing ran
 
 
 def test_unknown_figure_id_is_an_error():

@@ -52,3 +52,15 @@ def test_readme_results_match_committed_figures(tmp_path):
     shutil.copy(ROOT / 'README.md', copy)
     changed = refresh_readme(copy, ROOT / 'figures', ROOT / 'nbs')
     assert not changed, f'README blocks {changed} differ from the figures; run sm-regenerate --scale cpu (or refresh_readme())'
+
+
+def test_gallery_matches_committed_figures():
+    "figures/README.md is exactly what `sm-regenerate` writes from the committed figures, and every figure is in it."
+    from silent_majority.regenerate import gallery, figure_notebooks
+    text = gallery(ROOT / 'figures', ROOT / 'nbs')
+    assert (ROOT / 'figures' / 'README.md').read_text() == text, \
+        'figures/README.md is stale; run sm-regenerate --scale cpu (or regenerate.write_gallery())'
+    for nb in figure_notebooks(ROOT / 'nbs'):
+        assert f'![{nb.stem}]({nb.stem}.png)' in text and (ROOT / 'figures' / f'{nb.stem}.png').exists(), nb.stem
+    assert 'Not regenerated yet' not in text
+    assert '(figures/README.md)' in (ROOT / 'README.md').read_text()   # the top-level README links to it
