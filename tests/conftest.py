@@ -11,3 +11,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('SM_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setenv('SM_PROGRESS', '0')
     return tmp_path / 'cache'
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'browser: drives JupyterLab in headless Chromium (deselect with -m "not browser")')
