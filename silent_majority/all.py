@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #650be1a5
-from . import core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets
-_MODULES = (core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets)  # before `finetune` the function shadows the module
+# %% ../nbs/99_all.ipynb #f4cc2ddc
+from . import core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan
+_MODULES = (core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan)  # before `finetune` the function shadows the module
 from .core import *
 from .data import *
 from .models import *
@@ -20,4 +20,5 @@ from .classify import *
 from .pruning import *
 from .contrastive import *
 from .widgets import *
+from .plan import *
 __all__ = [n for m in _MODULES for n in m.__all__]

@@ -95,6 +95,30 @@ def test_gallery_of_the_smoke_figures(smoke_run):
     assert text.count('Provenance: scale `smoke`') == len(results)
 
 
+def test_plan_lists_exactly_the_runs_the_notebooks_trained(smoke_run):
+    "`sm-regenerate --dry-run` is only as good as the plan: at smoke scale it must name every run the notebooks trained, and no other."
+    from silent_majority.plan import FIGURE_RUNS, figure_runs, run_name
+    tmp, results = smoke_run
+    assert set(results) == set(FIGURE_RUNS)
+    trained = {p.name for p in (tmp / 'cache' / 'runs').iterdir() if (p / 'done.json').exists()}
+    planned = {run_name(k, c) for f in FIGURE_RUNS for k, c in figure_runs(f, 'smoke')}
+    assert trained == planned, f'trained but not planned: {sorted(trained - planned)}; planned but not trained: {sorted(planned - trained)}'
+
+
+def test_dry_run_names_what_is_missing(tmp_path):
+    env = dict(os.environ, SM_DATA=str(tmp_path / 'data'), SM_CACHE=str(tmp_path / 'cache'))
+    env.pop('SM_WEIGHTS', None)
+    proc = subprocess.run([SM_REGENERATE, '--scale', 'paper', '--dry-run', '--only', 'fig1_group_gap', 'fig6_finetune_wga'],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert 'fig1_group_gap: 1 run(s)' in out and 'fig6_finetune_wga: 40 run(s)' in out
+    assert f"MISSING  {tmp_path / 'data' / 'waterbird_complete95_forest2water2' / 'metadata.csv'}" in out
+    assert 'MISSING  $SM_WEIGHTS (unset)/resnet50-11ad3fa6.pth' in out
+    assert '40 distinct runs, 40 still to train' in out
+    assert not (tmp_path / 'cache' / 'runs').exists()          # a dry run creates nothing
+
+
 def test_fig1_outputs(smoke_run):
     tmp, _ = smoke_run
     df = pd.read_csv(tmp / 'figures' / 'fig1_group_gap.csv')
