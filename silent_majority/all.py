@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #f4cc2ddc
-from . import core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan
-_MODULES = (core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan)  # before `finetune` the function shadows the module
+# %% ../nbs/99_all.ipynb #0abeee29
+from . import core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster
+_MODULES = (core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster)  # before `finetune` the function shadows the module
 from .core import *
 from .data import *
 from .models import *
@@ -21,4 +21,5 @@ from .pruning import *
 from .contrastive import *
 from .widgets import *
 from .plan import *
+from .cluster import *
 __all__ = [n for m in _MODULES for n in m.__all__]
