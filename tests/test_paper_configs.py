@@ -9,7 +9,7 @@ import torch
 import torchvision
 from silent_majority.data import waterbirds_fixture, celeba_fixture
 from silent_majority.models import vit_s16
-from silent_majority.neurons import CANDIDATE_PRESETS
+from silent_majority.neurons import CANDIDATE_PRESETS, preset_candidates
 from silent_majority.train import erm_config, cached_erm
 from silent_majority.tracing import TracingEngine, unstructured_tracing
 from silent_majority.finetune import finetune_config, cached_finetune, jtt_config, cached_jtt, dfr, erm_of
@@ -63,6 +63,26 @@ def test_stage1_paper_config_traces(paper_env, preset):
     assert n == ({'magnitude': 26560, 'gradient': 26560} if preset == 'paper' else {'magnitude': 22720, 'gradient': 26560})
     df = unstructured_tracing(eng, ks=(1, 2), criteria=('gradient', 'magnitude'), eval_splits=('train',), progress=False)
     assert set(df.k) == {1, 2} and df.acc_after.between(0, 1).all() and len(df) == 2 * (4 * 4 + 4)
+
+
+def test_stage1_vit_traces_linear_neurons(paper_env):
+    "ViT-S/16: the paper's neurons are the output neurons of its linear layers, not the patch embedding's channels."
+    erm = cached_erm(erm_config('waterbirds', scale='paper', seed=0, arch='vit_s16', **SHORT))
+    sp = erm.splits()
+    eng = TracingEngine(erm.model(1), {'train': sp['train']}, candidates=preset_candidates('paper', 'vit_s16'), dataset='waterbirds')
+    sc = eng.scores('magnitude')
+    assert len(sc) == 36 and 'conv_proj' not in sc and 'heads.head' not in sc
+    assert sum(len(v) for v in sc.values()) == 12 * (384 + 1536 + 384)
+    df = unstructured_tracing(eng, ks=(1,), criteria=('gradient', 'magnitude'), eval_splits=('train',), progress=False)
+    assert df.acc_after.between(0, 1).all() and df.neurons.str.contains('encoder.layers').all()
+
+
+def test_stage2_vit_finetunes(paper_env):
+    cfg = finetune_config('waterbirds', 'paper', 'paper', 0, kick_in=1, epochs=1, batch_size=4,
+                          erm_overrides=dict(SHORT, arch='vit_s16'))
+    assert cfg.candidates == 'linear' and erm_of(cfg).arch == 'vit_s16' and erm_of(cfg).channels_last is False
+    ft = cached_finetune(cfg)
+    assert ft.result['best']['epoch'] == 1 and ft.metrics()[1]['mask']['n_masked'] > 0
 
 
 @pytest.mark.parametrize('preset', ['paper', 'official_code'])
