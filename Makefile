@@ -27,7 +27,7 @@ smoke:
 ## Library notebooks' inline tests, then pytest (which runs every figure notebook at smoke scale).
 test: setup
 	SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2
-	SM_PROGRESS=0 $(BIN)/python -m pytest -q tests
+	SM_PROGRESS=0 $(BIN)/python -m pytest -q -o tmp_path_retention_policy=failed tests
 
 ## Speed benchmarks (ratios measured in one process; not a test): writes figures/bench_*.json.
 bench: setup
