@@ -25,9 +25,12 @@ smoke:
 	$(MAKE) figures SCALE=smoke
 
 ## Library notebooks' inline tests, then pytest (which runs every figure notebook at smoke scale).
+## The notebooks' scratch folders (tempfile.mkdtemp) go into one folder that is removed afterwards.
 test: setup
-	SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2
-	SM_PROGRESS=0 $(BIN)/python -m pytest -q -o tmp_path_retention_policy=failed tests
+	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	  echo "SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2"; \
+	  TMPDIR="$$scratch" SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2
+	SM_PROGRESS=0 $(BIN)/python -m pytest -q --durations=8 -o tmp_path_retention_policy=failed tests
 
 ## Speed benchmarks (ratios measured in one process; not a test): writes figures/bench_*.json.
 bench: setup
