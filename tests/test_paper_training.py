@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from silent_majority.core import Run, load_torch
+from silent_majority.finetune import cached_jtt, jtt_config
 from silent_majority.train import (cached_erm, erm_config, grad_scaler, load_splits, make_model, train_epoch, train_erm,
                                    train_weights)
 
@@ -134,3 +135,21 @@ def test_torchrun_matches_one_process_without_batchnorm(tmp_path, monkeypatch):
     for r1, r2 in zip(ddp_rows, one.run.metrics()):
         assert r1['epoch'] == r2['epoch'] and r1['test']['group_acc'] == r2['test']['group_acc']
         assert math.isnan(r1['train_loss']) and math.isnan(r2['train_loss']) or abs(r1['train_loss'] - r2['train_loss']) < 1e-4
+
+
+def test_torchrun_jtt_matches_one_process_and_writes_once(tmp_path, monkeypatch):
+    "`--method jtt` under torchrun: the ERM run it starts from, then JTT's error set and final model, as in one process (LeNet)."
+    args = ('--method', 'jtt', '--dataset', 'waterbirds_like', '--seed', '2', '--arch', 'lenet', '--batch-size', '239')
+    res = _torchrun(tmp_path / 'ddp', *args)
+    assert (res['method'], res['world_size']) == ('jtt', 2)
+    assert sorted(p.name.split('-')[0] for p in (tmp_path / 'ddp' / 'runs').iterdir()) == ['erm', 'jtt']
+    d = Path(res['run'])
+    epochs = [json.loads(l)['epoch'] for l in (d / 'metrics.jsonl').read_text().splitlines()]
+    assert epochs == [0, 1, 2] and (d / 'done.json').exists()                   # one row per epoch, rank 0 alone wrote
+    assert sorted(load_torch(d / 'last.pt')) == ['best', 'epoch', 'model']
+    monkeypatch.setenv('SM_CACHE', str(tmp_path / 'one')); monkeypatch.setenv('SM_PROGRESS', '0')
+    one = cached_jtt(jtt_config('waterbirds_like', 'smoke', seed=2, erm_overrides=dict(arch='lenet', batch_size=239)))
+    assert d.name == one.run.dir.name                                           # the same config, the same run name
+    assert res['error_set_size'] == one.result['error_set_size'] > 0             # the same error set
+    a = load_torch(d / 'last.pt')['model']; b = load_torch(one.run.ckpt_path('last'))['model']
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
