@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_benchmark.ipynb #23736061
 from __future__ import annotations
-import argparse, copy, dataclasses, json, statistics, tempfile, time
+import argparse, copy, dataclasses, json, os, statistics, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,10 +17,11 @@ from .neurons import (apply_modification, gradient_scores, gradient_samples, mag
 from .models import outputs_probabilities
 from .tracing import TracingEngine, tracing_engine, unstructured_tracing, structured_tracing
 from .plots import package_versions, git_state
+from .numerics import NUMERICS_MODES, NUMERICS_VARS
 
 # %% auto #0
-__all__ = ['EXPLORER_STEPS', 'NaiveFiles', 'naive_group_acc', 'naive_gradient_samples', 'naive_suite', 'bench_tracing',
-           'bench_finetune', 'bench_explorer', 'main']
+__all__ = ['EXPLORER_STEPS', 'NUMERICS_CAPPED', 'NaiveFiles', 'naive_group_acc', 'naive_gradient_samples', 'naive_suite',
+           'bench_tracing', 'bench_finetune', 'bench_explorer', 'bench_numerics', 'main']
 
 # %% ../nbs/11_benchmark.ipynb #0f84b7bc
 class NaiveFiles(torch.utils.data.Dataset):
@@ -189,13 +190,56 @@ def bench_explorer(scale:str='cpu', dataset:str='waterbirds_like', seed:int=0, d
                               device=str(ex.eng.device), threads=torch.get_num_threads()),
                 git=git_state(), versions=package_versions())
 
+# %% ../nbs/11_benchmark.ipynb #5aff03e7
+_NUMERICS_CHILD = """
+import hashlib, json, sys, time, torch
+from silent_majority.numerics import numerics_state
+from silent_majority.train import erm_config, load_splits, train_erm
+from silent_majority.core import Run
+cfg = erm_config(sys.argv[1], sys.argv[2], seed=0, epochs=int(sys.argv[3]))
+splits = load_splits(cfg); run = Run(cfg, kind='bench')
+t = time.perf_counter(); train_erm(cfg, run, splits, 'cpu'); dt = time.perf_counter() - t
+st = run.load_checkpoint('last'); st = st.get('model', st)
+h = hashlib.sha256(b''.join(v.numpy().tobytes() for k, v in sorted(st.items()))).hexdigest()
+print(json.dumps(dict(seconds=dt, sha256=h, **numerics_state())))
+"""
+
+def _numerics_child(dataset, scale, epochs, env)->dict:
+    import subprocess, sys
+    base = {k: v for k, v in os.environ.items() if k not in NUMERICS_VARS + ('SM_NUMERICS', 'MKL_ENABLE_INSTRUCTIONS')}
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, '-c', _NUMERICS_CHILD, dataset, scale, str(epochs)], capture_output=True, text=True,
+                           env={**base, 'SM_CACHE': tmp, 'SM_PROGRESS': '0', **env})
+    if r.returncode != 0: raise RuntimeError(f'the numerics benchmark child failed ({env}): {r.stderr[-1500:]}')
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+NUMERICS_CAPPED = {'avx2 on an AVX2-only MKL': dict(SM_NUMERICS='avx2', MKL_ENABLE_INSTRUCTIONS='AVX2'),
+                   'portable on an SSE4.2 MKL': dict(SM_NUMERICS='portable', MKL_ENABLE_INSTRUCTIONS='SSE4_2')}
+
+def bench_numerics(scale:str='cpu', dataset:str='waterbirds_like', epochs:int=2, repeats:int=2)->dict:
+    "Training seconds of each numerics mode over `native`'s, the weights' SHA-256 per mode, and whether capped runs agree."
+    modes = list(NUMERICS_MODES); runs = {m: [] for m in modes}
+    for _ in range(repeats):                              # interleaved, so a busy spell hits every mode alike
+        for m in modes: runs[m].append(_numerics_child(dataset, scale, epochs, {'SM_NUMERICS': m}))
+    capped = {name: _numerics_child(dataset, scale, epochs, env) for name, env in NUMERICS_CAPPED.items()}
+    secs = {m: statistics.median(r['seconds'] for r in rs) for m, rs in runs.items()}
+    sha = {m: rs[0]['sha256'] for m, rs in runs.items()}
+    return dict(seconds=secs, over_native={m: secs[m] / secs['native'] for m in modes}, sha256=sha,
+                repeatable={m: len({r['sha256'] for r in rs}) == 1 for m, rs in runs.items()},
+                cpu_capability={m: rs[0]['cpu_capability'] for m, rs in runs.items()},
+                capped={name: dict(sha256=c['sha256'], same_as_mode=c['sha256'] == sha[NUMERICS_CAPPED[name]['SM_NUMERICS']])
+                        for name, c in capped.items()},
+                settings=dict(scale=scale, dataset=dataset, epochs=epochs, repeats=repeats, threads=1, modes=NUMERICS_MODES),
+                git=git_state(), versions=package_versions())
+
 # %% ../nbs/11_benchmark.ipynb #c8bf4378
 def main(argv:list|None=None)->int:
-    "`sm-bench [--scale S] [--only tracing finetune explorer]`: write figures/bench_{tracing,finetune,explorer}.json."
+    "`sm-bench [--scale S] [--only tracing finetune explorer numerics]`: write figures/bench_{tracing,finetune,explorer,numerics}.json."
     ap = argparse.ArgumentParser(prog='sm-bench', description='Benchmark the Stage I engine, Stage II fine-tuning and the explorer.')
     ap.add_argument('--scale', default='cpu', choices=('smoke', 'cpu', 'paper'))
     ap.add_argument('--dataset', default='waterbirds_like'); ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--only', nargs='+', choices=('tracing', 'finetune', 'explorer'), default=['tracing', 'finetune', 'explorer'])
+    ap.add_argument('--only', nargs='+', choices=('tracing', 'finetune', 'explorer', 'numerics'),
+                    default=['tracing', 'finetune', 'explorer', 'numerics'])
     ap.add_argument('--out-dir', help='where the JSON files go (default figures/)')
     a = ap.parse_args(argv); out_dir = Path(a.out_dir) if a.out_dir else figures_dir()
     if 'tracing' in a.only:
@@ -215,4 +259,9 @@ def main(argv:list|None=None)->int:
         atomic_write(out, to_json(res, indent=1))
         print(f"explorer: open {res['open_seconds']:.1f} s, updates median {res['median_update_seconds']:.2f} s, "
               f"max {res['max_update_seconds']:.2f} s (target: a second or two) -> {out}")
+    if 'numerics' in a.only:
+        res = bench_numerics(a.scale, a.dataset); out = out_dir/'bench_numerics.json'
+        atomic_write(out, to_json(res, indent=1))
+        print('numerics: ' + ', '.join(f"{m} {r:.2f}x" for m, r in res['over_native'].items()) + ' of native training time; capped '
+              'machines give the same weights: ' + ', '.join(f"{n} {c['same_as_mode']}" for n, c in res['capped'].items()) + f' -> {out}')
     return 0

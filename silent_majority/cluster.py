@@ -11,15 +11,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 import silent_majority
-from .core import atomic_write, cache_dir, config_dict, config_hash, show_progress
+from .core import atomic_write, cache_dir, config_dict, config_hash, show_progress, training_threads
 from .train import ERMConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm, erm_config
 from .finetune import (FinetuneConfig, JTTConfig, MASK_CRITERIA, cached_finetune, cached_jtt, erm_of,
                        finetune_config, jtt_config, jtt_same_budget)
 
 # %% auto #0
 __all__ = ['RUNNERS', 'KINDS', 'BACKENDS', 'CLUSTER_EXTRA', 'Task', 'as_task', 'schedule', 'WorkerSetupError', 'versions',
-           'client_marker', 'remove_marker', 'check_worker', 'torch_threads', 'run_task', 'SweepError', 'run_tasks',
-           'parse_seeds', 'default_datasets', 'sweep_tasks', 'task_table']
+           'client_marker', 'remove_marker', 'check_worker', 'run_task', 'SweepError', 'run_tasks', 'parse_seeds',
+           'default_datasets', 'sweep_tasks', 'task_table']
 
 # %% ../nbs/13_cluster.ipynb #a010515e
 RUNNERS = {'erm': (ERMConfig, cached_erm), 'finetune': (FinetuneConfig, cached_finetune), 'jtt': (JTTConfig, cached_jtt)}
@@ -119,14 +119,6 @@ def check_worker(marker:dict, wait:float=5.0)->Path: # seconds to wait for the m
     return here
 
 # %% ../nbs/13_cluster.ipynb #505f6e44
-@contextlib.contextmanager
-def torch_threads(n:int|None): # None leaves the count alone
-    "Use `n` torch threads inside the block."
-    old = torch.get_num_threads()
-    if n: torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(old)
-
 def _mtime(p:Path): return p.stat().st_mtime_ns if p.exists() else None
 
 def run_task(
@@ -138,7 +130,7 @@ def run_task(
     t = as_task(task)
     if marker is not None: check_worker(marker)
     done = cache_dir()/'runs'/t.name/'done.json'; before = _mtime(done); t0 = time.perf_counter()
-    with torch_threads(1 if t.config.scale in ('smoke', 'cpu') else None):
+    with training_threads(t.config):      # as every trainer does: one torch thread at smoke and cpu scale
         out = RUNNERS[t.kind][1](t.config, device=device)
     return dict(kind=t.kind, run=out.run.dir.name, result=out.result, cached=before is not None and before == _mtime(done),
                 seconds=round(time.perf_counter() - t0, 2), host=socket.gethostname(), pid=os.getpid(), versions=versions())

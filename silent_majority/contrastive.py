@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
-from .core import CachedRun, Run, cached_run, seed_everything, get_device, show_progress
+from .core import CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads
 from .data import GroupDataset, SPLITS, mnist_digits, colorize, to_float, augment
 from .classify import embeddings, linear_probe
 from .models import load_weights
@@ -219,15 +219,16 @@ class ContrastiveConfig:
     crop_scale:tuple=(0.5, 1.0)   # RandomResizedCrop area range of each view
     hflip:bool=True
 
-    def __post_init__(self):
-        for what, v, allowed in (('dataset', self.dataset, ('color_mnist4',)), ('scale', self.scale, _SCALES),
-                                 ('loss', self.loss, CONTRASTIVE_LOSSES)):
-            if v not in allowed: raise ValueError(f'unknown {what} {v!r}: expected one of {list(allowed)}')
-        for k in ('epochs', 'batch_size', 'head_dim', 'feat_dim', 'seed'):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == 'seed' else 1):
-                raise ValueError(f'{k} must be a {"non-negative" if k == "seed" else "positive"} int, got {v!r}')
+    def __post_init__(self):   # every field's type (core.check_fields), then the ranges and choices
+        check_fields(self, dataset=('color_mnist4',), scale=_SCALES, loss=CONTRASTIVE_LOSSES, seed='>=0', strength='[0, 1]',
+                     n_per_digit='>=1', temperature='>0', head_dim='>=1', feat_dim='>=1', epochs='>=1', batch_size='>=2',
+                     lr='>0', weight_decay='>=0')
         self.widths, self.crop_scale = tuple(self.widths), tuple(self.crop_scale)
+        if len(self.widths) != 3 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths):
+            raise ValueError(f'ContrastiveConfig.widths must be three positive ints (conv1, conv2, conv3), got {self.widths!r}')
+        lo_hi = [v for v in self.crop_scale if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(lo_hi) != 2 or len(self.crop_scale) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ValueError(f'ContrastiveConfig.crop_scale must be two numbers lo <= hi in (0, 1], got {self.crop_scale!r}')
 
 _CONTRASTIVE_SCALES = {
     'smoke': dict(n_per_digit=20, widths=(8, 16, 32), head_dim=32, feat_dim=16, epochs=2, batch_size=100),
@@ -263,6 +264,11 @@ def _new_net(cfg:ContrastiveConfig, in_ch:int=3)->SupConNet:
     return supcon_net(in_ch, cfg.widths, cfg.head_dim, cfg.feat_dim, seed=cfg.seed)
 
 def _fit(cfg:ContrastiveConfig, run:Run, train:GroupDataset, device)->dict:
+    with training_threads(cfg) as threads:
+        return dict(_fit_epochs(cfg, run, train, device), torch_threads=threads)
+
+def _fit_epochs(cfg:ContrastiveConfig, run:Run, train:GroupDataset, device)->dict:
+    run.truncate_metrics(lambda r: False)       # it starts from scratch: rows of an interrupted attempt go
     seed_everything(cfg.seed)
     net = _new_net(cfg, train.x.shape[1]).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

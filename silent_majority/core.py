@@ -4,16 +4,20 @@
 
 # %% ../nbs/00_core.ipynb #f114c2b5
 from __future__ import annotations
-import ast, contextlib, dataclasses, hashlib, io, json, math, os, pickle, random, shutil, tempfile, time, warnings
+import ast, contextlib, dataclasses, functools, hashlib, io, json, math, os, pickle, random, shutil, tempfile, time, types, typing, warnings
 from pathlib import Path
+from .numerics import DEFAULT_NUMERICS, check_numerics, numerics_mode, numerics_state, set_numerics
+set_numerics()                      # before torch's first operation in this process: see nbs/00_numerics.ipynb
 import numpy as np
 import torch
+check_numerics()                    # warns when torch computed before the package was imported
 
 # %% auto #0
-__all__ = ['repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'seed_everything', 'get_device', 'full_fp32', 'atomic_path',
-           'atomic_write', 'CorruptFileError', 'UnsafeFileError', 'file_sha256', 'save_torch', 'check_file',
-           'load_torch', 'to_json', 'config_dict', 'config_hash', 'Run', 'CachedRun', 'show_progress', 'cpu_weights',
-           'parse_assignment', 'cached_run']
+__all__ = ['TRAINING_THREADS', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'seed_everything', 'get_device', 'full_fp32',
+           'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write', 'CorruptFileError', 'UnsafeFileError',
+           'file_sha256', 'save_torch', 'record_sha256', 'check_file', 'load_torch', 'to_json', 'config_dict',
+           'config_hash', 'check_fields', 'DamagedRunWarning', 'CacheWriteError', 'numerics_key', 'Run', 'CachedRun',
+           'show_progress', 'cpu_weights', 'parse_assignment', 'cached_run']
 
 # %% ../nbs/00_core.ipynb #921721c1
 def repo_root()->Path: # the folder holding `settings.ini`, else the working directory
@@ -66,6 +70,26 @@ def full_fp32():
     try: yield
     finally: conv.fp32_precision, mm.fp32_precision = old
 
+# %% ../nbs/00_core.ipynb #d97ebfbe
+TRAINING_THREADS = 1   # torch threads for training at smoke and cpu scale (what the committed figures were made with)
+
+@contextlib.contextmanager
+def pinned_threads(n:int|None): # torch (intra-op) threads inside the block; None leaves the count alone
+    "Use `n` torch threads inside the block and yield the count in use; the caller's count is restored afterwards, also on errors."
+    if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
+        raise ValueError(f'n must be a positive int or None, got {n!r}')
+    old = torch.get_num_threads()
+    if n is not None and n != old: torch.set_num_threads(int(n))
+    try: yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != old: torch.set_num_threads(old)
+
+def training_threads(scale)->contextlib.AbstractContextManager: # 'smoke' | 'cpu' | 'paper', or a config with a `scale`
+    "`pinned_threads(TRAINING_THREADS)` at smoke and cpu scale, where trained weights depend on the thread count; at paper scale the count is left alone."
+    s = getattr(scale, 'scale', scale)
+    if s not in ('smoke', 'cpu', 'paper'): raise ValueError(f"unknown scale {s!r}: expected one of ['smoke', 'cpu', 'paper']")
+    return pinned_threads(TRAINING_THREADS if s in ('smoke', 'cpu') else None)
+
 # %% ../nbs/00_core.ipynb #97ec00cf
 @contextlib.contextmanager
 def atomic_path(path:str|Path): # final destination
@@ -109,22 +133,30 @@ def save_torch(obj, path:str|Path)->Path: # tensors, dicts, lists and numbers on
     atomic_write(_digest_path(path), digest + '\n')
     return path
 
-def check_file(path:str|Path)->str|None: # None if intact, else why not
-    "Why `path` is not intact: missing, or its bytes differ from the recorded SHA-256 (None: intact or unrecorded)."
+def record_sha256(path:str|Path)->str:
+    "Record the SHA-256 of `path`'s bytes in `<path>.sha256` (written atomically); returns the digest."
+    digest = file_sha256(path); atomic_write(_digest_path(Path(path)), digest + '\n'); return digest
+
+def check_file(
+    path:str|Path,
+    require_digest:bool=False, # a file without a recorded SHA-256 is not intact (every file of a cached run)
+)->str|None:                   # None if intact, else why not
+    "Why `path` is not intact: missing, its bytes differ from the recorded SHA-256, or none is recorded and `require_digest`."
     path = Path(path)
     if not path.is_file(): return f'{path} is missing'
     dp = _digest_path(path)
-    if dp.is_file():
-        want = dp.read_text().strip()
-        if file_sha256(path) != want:
-            return f'{path} does not match the SHA-256 recorded in {dp.name} ({path.stat().st_size} bytes): it is truncated or altered'
+    if not dp.is_file():
+        return f'{path} has no recorded SHA-256 ({dp.name} is missing), so it cannot be checked' if require_digest else None
+    if file_sha256(path) != dp.read_text().strip():
+        return f'{path} does not match the SHA-256 recorded in {dp.name} ({path.stat().st_size} bytes): it is truncated or altered'
     return None
 
-def load_torch(path:str|Path, map_location='cpu'):
+def load_torch(path:str|Path, map_location='cpu',
+               require_digest:bool=False): # refuse a file without a recorded SHA-256 (the run cache's files)
     "`torch.load` with `weights_only=True` after checking the recorded SHA-256; never loads a damaged or unsafe file."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'no checkpoint or cache file at {path}')
-    why = check_file(path)
+    why = check_file(path, require_digest)
     if why: raise CorruptFileError(why)
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -175,43 +207,126 @@ def config_hash(cfg, n:int=12)->str: # hex digits kept
     "Content hash of a config: equal configs, equal hashes, whatever the key order."
     return hashlib.sha256(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:n]
 
+# %% ../nbs/00_core.ipynb #db6062ee
+_TYPE_NAMES = {int: 'an int', float: 'a number (float or int)', bool: 'a bool (True or False)', str: 'a str',
+               tuple: 'a tuple (or list)', list: 'a list', dict: 'a dict', type(None): 'None'}
+
+def _type_name(t)->str:
+    if typing.get_origin(t) in (typing.Union, types.UnionType): return ' or '.join(_type_name(a) for a in typing.get_args(t))
+    t = typing.get_origin(t) or t
+    return _TYPE_NAMES.get(t, getattr(t, '__name__', str(t)))
+
+def _fits(v, t)->bool:
+    "Whether `v` is of type hint `t` (a container's items are not checked)."
+    if typing.get_origin(t) in (typing.Union, types.UnionType): return any(_fits(v, a) for a in typing.get_args(t))
+    t = typing.get_origin(t) or t
+    is_bool = isinstance(v, (bool, np.bool_))
+    if t is bool: return is_bool
+    if t is int: return isinstance(v, (int, np.integer)) and not is_bool
+    if t is float: return isinstance(v, (int, float, np.integer, np.floating)) and not is_bool
+    if t is tuple: return isinstance(v, (tuple, list))
+    if t is type(None): return v is None
+    return isinstance(v, t) if isinstance(t, type) else True      # a hint with no runtime check (Any, ...) passes
+
+def _range_words(spec:str, t)->str: # '>0' -> 'a positive int', '(0, 1]' -> 'a number in (0, 1]'
+    kind = 'int' if t is int else 'number'
+    words = {'>0': f'a positive {kind}', '>=0': f'a non-negative {kind}', '>=1': 'a positive int' if t is int else 'a number >= 1'}
+    return words.get(spec.replace(' ', ''), f'{"an int" if t is int else "a number"} {spec}' if spec[0] in '<>' else f'a {kind} in {spec}')
+
+def _in_range(v, spec:str)->bool:
+    s = spec.replace(' ', '')
+    for op, f in (('>=', lambda a, b: a >= b), ('<=', lambda a, b: a <= b), ('>', lambda a, b: a > b), ('<', lambda a, b: a < b)):
+        if s.startswith(op): return f(v, float(s[len(op):]))
+    if s[0] not in '[(' or s[-1] not in '])' or s.count(',') != 1: raise ValueError(f'bad range {spec!r}: expected e.g. ">0" or "(0, 1]"')
+    lo, hi = (float(x) for x in s[1:-1].split(','))
+    return (v >= lo if s[0] == '[' else v > lo) and (v <= hi if s[-1] == ']' else v < hi)
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls)->dict: return typing.get_type_hints(cls)
+
+def check_fields(
+    obj,       # a dataclass instance (a run config)
+    **rules,   # field -> a range for a number ('>0', '>=1', '[0, 1]', '(0, 1]') or a tuple of allowed values
+)->None:
+    "Check every field of `obj` against its type hint (TypeError), then the `rules` (ValueError); each error names the field and what was expected."
+    cls = type(obj); name = cls.__name__; hints = _hints(cls)
+    unknown = set(rules) - {f.name for f in dataclasses.fields(obj)}
+    if unknown: raise ValueError(f'rules for unknown {name} fields {sorted(unknown)}')
+    for f in dataclasses.fields(obj):
+        v, t = getattr(obj, f.name), hints.get(f.name, typing.Any)
+        if not _fits(v, t): raise TypeError(f'{name}.{f.name} must be {_type_name(t)}, got {type(v).__name__} {v!r}')
+        if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+            raise ValueError(f'{name}.{f.name} must be a finite number, got {v!r}')
+    for k, rule in rules.items():
+        v = getattr(obj, k)
+        if isinstance(rule, str):
+            t = next((a for a in typing.get_args(hints[k]) if a is not type(None)), hints[k])   # int|None -> int
+            if v is not None and not _in_range(v, rule):
+                raise ValueError(f'{name}.{k} must be {_range_words(rule, t)}{" or None" if _fits(None, hints[k]) else ""}, got {v!r}')
+        elif v not in rule: raise ValueError(f'unknown {k} {v!r}: expected one of {list(rule)}')
+
 # %% ../nbs/00_core.ipynb #74963216
+class DamagedRunWarning(UserWarning):
+    "A cached run has files that are altered, truncated or without a recorded SHA-256: they are not loaded, and the run is computed again."
+
+class CacheWriteError(OSError):
+    "The run cache cannot be written (a read-only or foreign folder, a full disk)."
+
+def _write_recorded(path:Path, text:str)->None:
+    "Write `text` to `path` atomically and record its SHA-256 (no stale digest survives a crash in between)."
+    _digest_path(path).unlink(missing_ok=True); atomic_write(path, text); record_sha256(path)
+
+def numerics_key(config:dict)->dict: # a run's config as `config_dict` gives it
+    "The config a run is filed under: at smoke and cpu scale, a numerics mode other than the default joins it, so runs computed in different modes never stand in for each other."
+    mode = numerics_mode()
+    if mode == DEFAULT_NUMERICS or config.get('scale') not in ('smoke', 'cpu'): return config
+    return {**config, 'numerics': mode}
+
 class Run:
     "A content-addressed folder for one run: config, metrics log, checkpoints, result."
     def __init__(self, cfg, kind:str='run', root:str|Path|None=None): # config; a name prefix; cache root
-        self.config = config_dict(cfg); self.kind = kind; self.hash = config_hash(self.config)
-        self.dir = Path(root or cache_dir()/'runs')/f'{kind}-{self.hash}'
-        self.dir.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.dir/'config.json'
+        self.config = numerics_key(config_dict(cfg)); self.kind = kind; self.hash = config_hash(self.config)
+        root = Path(root or cache_dir()/'runs'); self.dir = root/f'{kind}-{self.hash}'
+        cfg_path = self.dir/'config.json'; stored = None
+        try: self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise CacheWriteError(f'cannot write the run cache at {root}: {(e.strerror or str(e)).lower()}') from e
         if cfg_path.exists():
             try: stored = json.loads(cfg_path.read_text())
             except json.JSONDecodeError: stored = None
             if stored is not None and stored != self.config:
                 raise RuntimeError(f'{cfg_path} holds another config with the same hash: remove {self.dir}')
-        if not cfg_path.exists() or stored is None:
-            atomic_write(cfg_path, json.dumps(self.config, indent=1, sort_keys=True))
+        if stored is None:
+            try: atomic_write(cfg_path, json.dumps(self.config, indent=1, sort_keys=True))
+            except OSError as e: raise CacheWriteError(f'cannot write the run cache at {root}: {(e.strerror or str(e)).lower()}') from e
 
     def __repr__(self): return f'Run({self.dir})'
     @property
     def metrics_path(self): return self.dir/'metrics.jsonl'
 
+    def _check_metrics(self):
+        why = check_file(self.metrics_path, require_digest=True)
+        if why: raise CorruptFileError(why)
+
     def log(self, **row):
-        "Append one JSON line to the metrics log."
+        "Append one JSON line to the metrics log (checked first) and record the log's new SHA-256."
+        if self.metrics_path.exists(): self._check_metrics()
         with open(self.metrics_path, 'a') as f: f.write(to_json(row) + '\n')
+        record_sha256(self.metrics_path)
 
     def metrics(self)->list[dict]:
-        "Every complete line of the metrics log (a torn last line is ignored)."
+        "Every row of the metrics log, after checking it against its recorded SHA-256 (`CorruptFileError` if it differs or is missing)."
         if not self.metrics_path.exists(): return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        self._check_metrics(); rows = []
+        for i, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
             try: rows.append(json.loads(line))
-            except json.JSONDecodeError: break
+            except json.JSONDecodeError as e: raise CorruptFileError(f'{self.metrics_path} line {i} is not valid JSON ({e})') from e
         return rows
 
     def truncate_metrics(self, keep):
-        "Keep only the logged rows for which `keep(row)` is true (used when resuming)."
+        "Keep only the logged rows for which `keep(row)` is true (used when resuming); the digest is recorded again."
+        if not self.metrics_path.exists(): return
         rows = [r for r in self.metrics() if keep(r)]
-        atomic_write(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
+        _write_recorded(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
 
     def ckpt_path(self, name:str)->Path: return self.dir/f'{name}.pt'
     def has_checkpoint(self, name:str)->bool: return self.ckpt_path(name).exists()
@@ -222,24 +337,29 @@ class Run:
         if not p.exists():
             have = sorted(q.stem for q in self.dir.glob('*.pt'))
             raise FileNotFoundError(f'run {self.dir.name} has no checkpoint {name!r}; it keeps {have}')
-        return load_torch(p, map_location)
+        return load_torch(p, map_location, require_digest=True)
     def checkpoints(self)->list[str]: return sorted(q.stem for q in self.dir.glob('*.pt'))
 
     @property
     def done(self)->bool: return (self.dir/'done.json').exists()
     def finish(self, result:dict)->dict:
-        "Mark the run finished with a JSON-able result."
-        atomic_write(self.dir/'done.json', to_json(result, indent=1)); return json.loads(to_json(result))
+        "Mark the run finished with a JSON-able result, its SHA-256 recorded beside it."
+        result = {**result, 'numerics': {k: v for k, v in numerics_state().items() if k != 'in_effect'}}
+        text = to_json(result, indent=1); _write_recorded(self.dir/'done.json', text); return json.loads(text)
     def result(self)->dict:
-        "The stored result; an unreadable `done.json` raises `CorruptFileError`."
-        try: return json.loads((self.dir/'done.json').read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{self.dir/'done.json'} is not valid JSON ({e})") from e
+        "The stored result, checked against its recorded SHA-256; a damaged, unrecorded or unreadable `done.json` raises `CorruptFileError`."
+        p = self.dir/'done.json'
+        if not p.exists(): raise FileNotFoundError(f'run {self.dir.name} is not finished: it has no done.json')
+        why = check_file(p, require_digest=True)
+        if why: raise CorruptFileError(why)
+        try: return json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CorruptFileError(f'{p} is not valid JSON ({e})') from e
 
     def damaged(self)->dict: # file name -> why it is damaged
-        "Checkpoints whose bytes differ from their recorded SHA-256, and an unreadable `done.json`."
-        bad = {p.name: why for p in sorted(self.dir.glob('*.pt')) if (why := check_file(p))}
-        if self.done:
+        "The run's files that cannot be trusted: a checkpoint, the metrics log or `done.json` that differs from its recorded SHA-256 or has none, and an unreadable `done.json`."
+        files = sorted(self.dir.glob('*.pt')) + [p for p in (self.metrics_path, self.dir/'done.json') if p.exists()]
+        bad = {p.name: why for p in files if (why := check_file(p, require_digest=True))}
+        if self.done and 'done.json' not in bad:
             try: self.result()
             except CorruptFileError as e: bad['done.json'] = str(e)
         return bad
@@ -291,8 +411,8 @@ def cached_run(cfg, fn, kind:str='run', root=None)->tuple[Run, dict]: # fn(run) 
     with run.lock():
         bad = run.damaged()
         if bad:
-            warnings.warn(f'run {run.dir} has {len(bad)} damaged file(s), which are not loaded; computing the run '
-                          f'again from scratch: ' + '; '.join(bad.values()), stacklevel=2)
+            warnings.warn(f'damaged run {run.dir}: {len(bad)} file(s) fail their SHA-256 check and are not loaded; computing '
+                          f'the run again from scratch: ' + '; '.join(bad.values()), DamagedRunWarning, stacklevel=2)
             run.reset()
         if run.done: return run, run.result()
         return run, run.finish(fn(run))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #c3c1ab68
 from __future__ import annotations
-import contextlib, csv, functools, gzip, hashlib, json, math, os, struct, warnings
+import contextlib, csv, functools, gzip, hashlib, io, json, math, os, stat, struct, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -19,11 +19,12 @@ from .core import (
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SPLITS', 'MNIST_FILES', 'PRESETS', 'WATERBIRDS_HEADER', 'WATERBIRDS_GROUPS',
-           'WATERBIRDS_SPECIES', 'CELEBA_GROUPS', 'CELEBA_ATTRS', 'SPUCO_CLASSES', 'SPUCO_DIFFICULTIES', 'GroupDataset',
-           'read_idx', 'Digits', 'mnist_digits', 'preset_group_sizes', 'colorize', 'spurious_mnist', 'eval_transform',
-           'decode_images', 'dataset_cache_path', 'cached_images', 'load_waterbirds', 'waterbirds_fixture',
-           'load_celeba', 'celeba_fixture', 'to_float', 'crop_boxes', 'resized_crop', 'augment', 'spuco_colors',
-           'color_name', 'spuco_masks', 'spuco_train_counts', 'spuco_mnist']
+           'WATERBIRDS_SPECIES', 'CELEBA_GROUPS', 'CELEBA_ATTRS', 'SPUCO_CLASSES', 'SPUCO_DIFFICULTIES',
+           'SPUCO_DEFAULT_STRENGTH', 'GroupDataset', 'read_idx', 'Digits', 'mnist_digits', 'preset_group_sizes',
+           'colorize', 'spurious_mnist', 'to_rgb', 'eval_transform', 'decode_images', 'dataset_cache_path',
+           'cached_images', 'load_waterbirds', 'waterbirds_fixture', 'load_celeba', 'celeba_fixture', 'to_float',
+           'crop_boxes', 'resized_crop', 'augment', 'spuco_colors', 'color_name', 'spuco_masks', 'spuco_class_colors',
+           'spuco_train_counts', 'spuco_mnist']
 
 # %% ../nbs/01_data.ipynb #7970f3d4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -40,6 +41,7 @@ class GroupDataset(torch.utils.data.Dataset):
         source:str='',               # where the images came from (reported in figure sidecars)
         train_counts:list|None=None, # group counts of the training split (default: this split's)
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), # per-channel normalisation applied on the device
+        extras:dict|None=None,       # more per-example tensors, e.g. {'clean_y': labels before label noise}
     ):
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4):
             raise ValueError(f'x must be a uint8 tensor of shape N x C x H x W, got '
@@ -65,6 +67,12 @@ class GroupDataset(torch.utils.data.Dataset):
         if len(self.train_counts) != self.n_groups:
             raise ValueError(f'train_counts needs {self.n_groups} values, got {len(self.train_counts)}')
         self.mean, self.std = tuple(mean), tuple(std)
+        self.extras = {}
+        for k, v in (extras or {}).items():
+            v = torch.as_tensor(v)
+            if v.ndim == 0 or len(v) != len(x):
+                raise ValueError(f'extras[{k!r}] must hold one value per example ({len(x)}), got shape {tuple(v.shape)}')
+            self.extras[k] = v
 
     @property
     def n_groups(self)->int: return self.n_classes * self.n_attr
@@ -79,10 +87,11 @@ class GroupDataset(torch.utils.data.Dataset):
         tc = self.train_counts; na = self.n_attr
         return [g for g in range(self.n_groups) if tc[g] < max(tc[(g // na) * na:(g // na + 1) * na])]
     def subset(self, idx)->'GroupDataset':
-        "A new dataset holding the examples at `idx` (same names, source and training counts)."
+        "A new dataset holding the examples at `idx` (same names, source and training counts; `extras` indexed too)."
         idx = torch.as_tensor(idx, dtype=torch.int64)
         return GroupDataset(self.x[idx], self.y[idx], self.a[idx], self.n_classes, self.n_attr, self.group_names,
-                            self.name, self.split, self.source, self.train_counts, self.mean, self.std)
+                            self.name, self.split, self.source, self.train_counts, self.mean, self.std,
+                            {k: v[idx] for k, v in self.extras.items()})
     def __repr__(self):
         return (f'GroupDataset({self.name}/{self.split}: {len(self)} images {tuple(self.x.shape[1:])}, '
                 f'groups {self.group_counts()}, source={self.source!r})')
@@ -278,34 +287,54 @@ def spurious_mnist(
                         source=f'{d.source}, backgrounds coloured {colors}', train_counts=train_counts)
 
 # %% ../nbs/01_data.ipynb #8c7afa22
+_MODES_16BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+def to_rgb(img:Image.Image)->Image.Image: # any PIL image
+    "8-bit RGB: 16-bit greyscale is scaled by 255/65535 (never clipped); 8-bit modes go through `convert('RGB')`."
+    if img.mode in _MODES_16BIT or img.mode == 'I':
+        v = np.asarray(img).astype(np.int64)
+        if v.size and (v.min() < 0 or v.max() > 65535): raise ValueError(
+            f'a 32-bit integer image (mode {img.mode}) with values from {v.min()} to {v.max()}: expected 8-bit '
+            f'images or 16-bit greyscale (values 0-65535)')
+        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), 'L').convert('RGB')
+    if img.mode == 'F': raise ValueError(
+        'a 32-bit floating-point image (mode F): expected 8-bit images or 16-bit greyscale (values 0-65535)')
+    return img.convert('RGB')
+
 def eval_transform(img:Image.Image, size:int=224)->torch.Tensor: # uint8, 3 x size x size
-    "The evaluation transform: RGB, resize to a square of side int(size*256/224), centre-crop `size`."
+    "The evaluation transform: RGB (`to_rgb`), resize to a square of side int(size*256/224), centre-crop `size`."
     s = int(size * 256 / 224)
-    img = TF.resize(img.convert('RGB'), [s, s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    img = TF.resize(to_rgb(img), [s, s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
 
 # %% ../nbs/01_data.ipynb #522255b0
-def _decode_chunks(paths:list, size:int, hint:str='', desc:str='decoding'):
+def _missing_error(missing:list, n:int, hint:str='')->FileNotFoundError:
+    return FileNotFoundError(f'{len(missing)} of {n} images are missing, e.g. {missing[:3]}{hint}')
+
+def _decode_chunks(paths:list, size:int, hint:str='', desc:str='decoding', digests:list|None=None):
     "Yield `(start, uint8 images)` for consecutive chunks of `paths`; missing or unreadable files raise together."
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]
-    if missing: raise FileNotFoundError(f'{len(missing)} of {len(paths)} images are missing, e.g. {missing[:3]}{hint}')
-    def one(p):
+    if missing: raise _missing_error(missing, len(paths), hint)
+    def one(p):   # each file is read once: its bytes are hashed (for the cache's sidecar) and decoded
         try:
-            with Image.open(p) as im: return eval_transform(im, size)
-        except (OSError, ValueError) as e: return f'{p} ({type(e).__name__}: {e})'
+            data = p.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                return eval_transform(im, size), hashlib.sha256(data).digest() if digests is not None else None
+        except (OSError, ValueError) as e: return f'{p} ({type(e).__name__}: {e})', None
     step, bad = max(1, min(1024, 2**28 // (3 * size * size))), []   # at most ~256 MB of images per chunk
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as ex, \
          tqdm(total=len(paths), desc=desc, unit='img', disable=len(paths) < 256 or not show_progress()) as bar:
         for start in range(0, len(paths), step):
             part = paths[start:start + step]; out = torch.empty(len(part), 3, size, size, dtype=torch.uint8)
-            for i, t in enumerate(ex.map(one, part)):
+            for i, (t, d) in enumerate(ex.map(one, part)):
                 if isinstance(t, str): bad.append(t)
                 else: out[i] = t
+                if digests is not None: digests.append(d)
             bar.update(len(part))
             yield start, out
     if bad: raise ValueError(f'{len(bad)} of {len(paths)} images cannot be decoded, e.g. ' + '; '.join(bad[:3]) + ': '
-                             f'expected image files PIL can read (JPEG, PNG)')
+                             f'expected image files PIL can read (JPEG, PNG; 8-bit, or 16-bit greyscale)')
 
 def decode_images(
     paths:list,           # image files
@@ -329,8 +358,49 @@ def _map_uint8(path:Path)->torch.Tensor:
         warnings.filterwarnings('ignore', message='The given NumPy array is not writable', category=UserWarning)
         return torch.from_numpy(arr)
 
-def _open_cache(path:Path, side:Path, key:dict, shape:tuple, verify:bool):
-    "`(images, None)` if the cache is sound, `(None, None)` if absent, `(None, why)` if damaged."
+class _ImageStats(NamedTuple):
+    "One `stat` per image file: what the cache checks at every load."
+    sizes: list        # bytes per file
+    mtimes_ns: list    # modification time per file, in nanoseconds
+
+def _image_stats(paths:list, hint:str='')->_ImageStats:
+    "Size and modification time of each image file; missing files raise together."
+    sizes, mtimes, missing = [], [], []
+    for p in paths:
+        try: st = os.stat(p)
+        except OSError: st = None
+        if st is None or not stat.S_ISREG(st.st_mode): missing.append(str(p)); continue
+        sizes.append(st.st_size); mtimes.append(st.st_mtime_ns)
+    if missing: raise _missing_error(missing, len(paths), hint)
+    return _ImageStats(sizes, mtimes)
+
+def _digest_of(digests)->str: # the SHA-256 of each file's bytes, in order
+    h = hashlib.sha256()
+    for d in digests: h.update(d)
+    return h.hexdigest()
+
+def _images_sha256(paths:list)->str:
+    "SHA-256 over the SHA-256 of each image file's bytes, in order (the fingerprint `_build_cache` records)."
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as ex:
+        return _digest_of(ex.map(lambda p: hashlib.sha256(Path(p).read_bytes()).digest(), paths))
+
+def _changed_images(meta:dict, paths:list, st:_ImageStats)->str|None:
+    "Why the image files differ from those the cache was built from (size or modification time), or None."
+    im = meta.get('images')
+    if not (isinstance(im, dict) and isinstance(im.get('sizes'), list) and isinstance(im.get('mtimes_ns'), list)):
+        return 'records no size and modification time of its image files (built by an earlier version)'
+    if len(im['sizes']) != len(paths) or len(im['mtimes_ns']) != len(paths):
+        return f'records {len(im["sizes"])} image files, the dataset has {len(paths)}'
+    changed = [i for i, (s0, t0, s1, t1) in enumerate(zip(im['sizes'], im['mtimes_ns'], st.sizes, st.mtimes_ns))
+               if s0 != s1 or t0 != t1]
+    if not changed: return None
+    i = changed[0]
+    return (f'was built from other image files: {len(changed)} of {len(paths)} changed size or modification time since, '
+            f'e.g. {paths[i]} ({im["sizes"][i]} bytes, mtime_ns {im["mtimes_ns"][i]} then; {st.sizes[i]} bytes, '
+            f'mtime_ns {st.mtimes_ns[i]} now)')
+
+def _open_cache(path:Path, side:Path, key:dict, shape:tuple, verify:bool, paths:list, st:_ImageStats):
+    "`(images, None)` if the cache is sound and its images unchanged, `(None, None)` if absent, `(None, why)` otherwise."
     if not path.exists(): return None, None
     try: meta = json.loads(side.read_text())
     except FileNotFoundError: return None, f'has no sidecar {side.name} (an interrupted build?)'
@@ -343,27 +413,34 @@ def _open_cache(path:Path, side:Path, key:dict, shape:tuple, verify:bool):
     n = path.stat().st_size
     if n != meta.get('size'):
         return None, f'holds {n} bytes, its sidecar records {meta.get("size")}: it is truncated or altered'
+    why = _changed_images(meta, paths, st)
+    if why: return None, why
     if verify and file_sha256(path) != meta.get('sha256'):
         return None, f'does not match the SHA-256 recorded in its sidecar {side.name}: it is altered'
+    if verify and _images_sha256(paths) != meta['images'].get('sha256'):
+        return None, ("was built from images whose bytes differ from today's (same sizes and modification times): "
+                      f"the image files' SHA-256 does not match the one recorded in its sidecar {side.name}")
     try: x = _map_uint8(path)
     except (OSError, ValueError) as e: return None, f'cannot be mapped as a .npy file ({type(e).__name__}: {e})'
     if x.dtype != torch.uint8 or tuple(x.shape) != tuple(shape) or not x.is_contiguous():
         return None, f'holds {x.dtype} images of shape {list(x.shape)}: expected uint8 images of shape {list(shape)}'
     return x, None
 
-def _build_cache(path:Path, side:Path, key:dict, paths:list, size:int, hint:str, desc:str):
+def _build_cache(path:Path, side:Path, key:dict, paths:list, size:int, hint:str, desc:str, st:_ImageStats):
     "Decode `paths` chunk by chunk into a memory-mapped `.npy` beside `path`, hash it, move it into place, write the sidecar."
     shape = (len(paths), 3, size, size); side.unlink(missing_ok=True)   # no stale sidecar beside a new file
     with atomic_path(path) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=shape)
-        h = hashlib.sha256()
+        h, digests = hashlib.sha256(), []
         with open(tmp, 'rb') as f: h.update(f.read(mm.offset))          # the .npy header ...
-        for start, part in _decode_chunks(paths, size, hint, desc):
+        for start, part in _decode_chunks(paths, size, hint, desc, digests):
             mm[start:start + len(part)] = part.numpy()
             h.update(mm[start:start + len(part)].data)                 # ... then the images, in file order
         mm.flush(); del mm
         nbytes = tmp.stat().st_size
-    atomic_write(side, json.dumps(dict(key=key, shape=list(shape), dtype='uint8', size=nbytes, sha256=h.hexdigest()), indent=1))
+    images = dict(sizes=st.sizes, mtimes_ns=st.mtimes_ns, sha256=_digest_of(digests))   # st: taken before decoding
+    atomic_write(side, json.dumps(dict(key=key, shape=list(shape), dtype='uint8', size=nbytes, sha256=h.hexdigest(),
+                                       images=images)))
 
 @contextlib.contextmanager
 def _build_lock(path:Path):
@@ -389,26 +466,27 @@ def dataset_cache_path(key:dict, size:int)->Path: # key as for `cached_images`; 
     return cache_dir()/'datasets'/f"{key['loader']}-{key['split']}-{size}-{hashlib.sha256(k.encode()).hexdigest()[:16]}.npy"
 
 def cached_images(
-    key:dict,             # what the images depend on: loader, root, split, size, metadata hash
+    key:dict,             # what the images depend on besides the files themselves: loader, root, split, size, metadata hash
     paths:list,           # image files, in dataset order
     size:int,             # output side
     cache:bool=True,      # False -> decode into memory without reading or writing the cache
     hint:str='',          # the expected layout, appended to the missing-file error
     desc:str='decoding',  # progress-bar label
-    verify:bool|None=None, # also check the file's SHA-256; None -> env SM_VERIFY_CACHE=1
+    verify:bool|None=None, # also check the file's SHA-256 and the image files' bytes; None -> env SM_VERIFY_CACHE=1
 )->torch.Tensor:          # uint8, N x 3 x size x size, memory-mapped from the cache file
-    "`decode_images` once into a memory-mapped `.npy` under `$SM_CACHE/datasets/`; a damaged cache is rebuilt."
+    "`decode_images` once into a memory-mapped `.npy` under `$SM_CACHE/datasets/`; a damaged or outdated cache is rebuilt."
     if not cache or len(paths) == 0: return decode_images(paths, size, hint, desc)
+    paths = [Path(p) for p in paths]; st = _image_stats(paths, hint)    # one stat per image file, every load
     path = dataset_cache_path(key, size); side = path.with_suffix('.json')
     key, shape, verify = json.loads(json.dumps(key, sort_keys=True)), (len(paths), 3, size, size), _verify_default(verify)
-    x, _ = _open_cache(path, side, key, shape, verify)
+    x, _ = _open_cache(path, side, key, shape, verify, paths, st)
     if x is not None: return x
     with _build_lock(path):
-        x, why = _open_cache(path, side, key, shape, verify)    # another process may have built it meanwhile
+        x, why = _open_cache(path, side, key, shape, verify, paths, st)    # another process may have built it meanwhile
         if x is not None: return x
         if why: warnings.warn(f'dataset cache {path} {why}; rebuilding it', stacklevel=2)
-        _build_cache(path, side, key, paths, size, hint, desc)
-    x, why = _open_cache(path, side, key, shape, False)
+        _build_cache(path, side, key, paths, size, hint, desc, st)
+    x, why = _open_cache(path, side, key, shape, False, paths, st)
     if x is None: raise CorruptFileError(f'dataset cache {path} was just built but {why}')
     return x
 
@@ -427,31 +505,59 @@ def _check_groups(g:np.ndarray, names, where:str, split:str):
     if empty: raise ValueError(f'{where}: the {split} split has no examples of {empty} (group counts {n.tolist()}); '
                                f'expected every group in every split')
 
+def _read_text(path:Path)->str:
+    "A text file decoded as UTF-8 (a leading UTF-8 byte-order mark is dropped); any other encoding raises, naming the file."
+    raw = path.read_bytes()
+    try: return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(10) + 1                      # 10 = the newline byte
+        raise ValueError(f'{path} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} '
+                         f'is not valid UTF-8 (a Latin-1 or Windows-1252 file?); expected UTF-8: re-save the file '
+                         f'as UTF-8') from None
+
+def _image_name(name, folder:Path, where:str)->str:
+    "`name` if it is a relative path that stays inside `folder`; else a ValueError naming `where` (file and line)."
+    norm = os.path.normpath(name) if name else ''
+    if not name or not name.strip():
+        raise ValueError(f'{where}: the image path is empty: expected a path relative to {folder}')
+    if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f'{where}: image path {name!r} lies outside the dataset folder {folder}: expected a '
+                         f'relative path inside it (no absolute path, no ..)')
+    return norm
+
 def _read_waterbirds(root:Path):
     meta = root/'metadata.csv'
     expected = f'the group_DRO layout: {root}/metadata.csv with header {WATERBIRDS_HEADER} and the images at {root}/<img_filename>'
     if not root.is_dir(): raise _layout_error('no Waterbirds folder', root, expected)
     if not meta.is_file(): raise _layout_error('no metadata.csv', root, expected)
-    with open(meta, newline='') as f:
-        reader = csv.DictReader(f); rows = list(reader); header = reader.fieldnames or []
+    reader = csv.DictReader(io.StringIO(_read_text(meta), newline=''))
+    header = reader.fieldnames or []
     missing = [c for c in ('img_filename', 'y', 'split', 'place') if c not in header]
     if missing: raise ValueError(f'{meta} lacks column(s) {missing}: expected the header {WATERBIRDS_HEADER}')
-    cols = {c: [] for c in ('y', 'split', 'place')}
-    for line, r in enumerate(rows, 2):
+    cols, files, seen = {c: [] for c in ('y', 'split', 'place')}, [], {'img_id': {}, 'img_filename': {}}
+    for r in reader:
+        line = reader.line_num
         for c, allowed in (('y', '01'), ('place', '01'), ('split', '012')):
             v = (r[c] or '').strip()
             if v not in tuple(allowed): raise ValueError(
                 f'{meta} line {line}: {c} = {v!r}, expected one of {list(allowed)}' +
                 (' (0 train, 1 val, 2 test)' if c == 'split' else ''))
             cols[c].append(int(v))
-    return [r['img_filename'] for r in rows], *(np.array(cols[c], dtype=np.int64) for c in ('y', 'split', 'place'))
+        fn = _image_name(r['img_filename'], root, f'{meta} line {line}')
+        for c, v in (('img_id', (r.get('img_id') or '').strip()), ('img_filename', fn)):
+            if c == 'img_id' and ('img_id' not in header or not v): continue
+            if v in seen[c]: raise ValueError(f'{meta} line {line}: {c} {v!r} repeats line {seen[c][v]}: '
+                                              f'expected each image once')
+            seen[c][v] = line
+        files.append(fn)
+    return files, *(np.array(cols[c], dtype=np.int64) for c in ('y', 'split', 'place'))
 
 def load_waterbirds(
     root=None,           # None -> $SM_DATA/waterbird_complete95_forest2water2
     split:str='train',   # 'train', 'val' or 'test'
     size:int=224,        # side of the centre crop
     cache:bool=True,     # keep the decoded images memory-mapped under $SM_CACHE/datasets
-    verify:bool|None=None, # also check the cache file's SHA-256; None -> env SM_VERIFY_CACHE=1
+    verify:bool|None=None, # also hash the cache file and the image files; None -> env SM_VERIFY_CACHE=1
 )->GroupDataset:
     "Waterbirds (group_DRO layout) as a `GroupDataset`: y = waterbird, a = water background."
     _check_split(split)
@@ -553,28 +659,34 @@ def _read_celeba(root:Path):
     if not root.is_dir(): raise _layout_error('no CelebA folder', root, expected)
     for f in (attr, part):
         if not f.is_file(): raise _layout_error(f'no {f.name}', root, expected)
-    lines = attr.read_text().splitlines()
+    lines = _read_text(attr).splitlines()
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise ValueError(f'{attr} line 1 must be the number of images, then line 2 the attribute names; got {lines[:1]}')
-    names, rows = lines[1].split(), [l.split() for l in lines[2:] if l.strip()]
+    names = lines[1].split()
+    body = [(n, l.split()) for n, l in enumerate(lines[2:], 3) if l.strip()]    # (line number, fields)
+    nums, rows = [n for n, _ in body], [r for _, r in body]
     if len(rows) != int(lines[0]): raise ValueError(f'{attr} announces {int(lines[0])} images on line 1 but lists {len(rows)}')
-    for i, r in enumerate(rows):
+    for n, r in zip(nums, rows):
         if len(r) != len(names) + 1: raise ValueError(
-            f'{attr} line {i + 3} has {len(r) - 1} values: expected a filename and {len(names)} values (-1 or 1)')
+            f'{attr} line {n} has {len(r) - 1} values: expected a filename and {len(names)} values (-1 or 1)')
     vals = np.array([r[1:] for r in rows], dtype='<U2').reshape(len(rows), len(names))
     bad = np.argwhere((vals != '1') & (vals != '-1'))
-    if len(bad): raise ValueError(f'{attr} line {bad[0][0] + 3}: value {str(vals[tuple(bad[0])])!r} for '
+    if len(bad): raise ValueError(f'{attr} line {nums[bad[0][0]]}: value {str(vals[tuple(bad[0])])!r} for '
                                   f'{names[bad[0][1]]}, expected -1 or 1')
-    files = [r[0] for r in rows]
+    files, seen = [], {}
+    for n, r in zip(nums, rows):
+        f = _image_name(r[0], imgs, f'{attr} line {n}')
+        if f in seen: raise ValueError(f'{attr} line {n}: {f} repeats line {seen[f]}: expected each image once')
+        seen[f] = n; files.append(f)
     codes = {}
-    for i, l in enumerate(part.read_text().splitlines(), 1):
+    for i, l in enumerate(_read_text(part).splitlines(), 1):
         if not l.strip(): continue
         t = l.split()
         if len(t) != 2 or t[1] not in ('0', '1', '2'): raise ValueError(
             f"{part} line {i}: {l.strip()!r}, expected 'filename code' with code 0, 1 or 2 (train, val, test)")
-        if t[0] in codes: raise ValueError(f'{part} line {i}: {t[0]} is listed twice')
-        codes[t[0]] = int(t[1])
-    if len(set(files)) != len(files): raise ValueError(f'{attr} lists some images twice')
+        f = _image_name(t[0], imgs, f'{part} line {i}')
+        if f in codes: raise ValueError(f'{part} line {i}: {f} is listed twice')
+        codes[f] = int(t[1])
     only_attr, only_part = [f for f in files if f not in codes], sorted(set(codes) - set(files))
     if only_attr or only_part: raise ValueError(
         f'{attr.name} and {part.name} must list the same images: {len(only_attr)} only in {attr.name} '
@@ -588,7 +700,7 @@ def load_celeba(
     spurious:str='Male',       # attribute giving the spurious attribute a
     size:int=224,              # side of the centre crop
     cache:bool=True,           # keep the decoded images memory-mapped under $SM_CACHE/datasets
-    verify:bool|None=None,     # also check the cache file's SHA-256; None -> env SM_VERIFY_CACHE=1
+    verify:bool|None=None,     # also hash the cache file and the image files; None -> env SM_VERIFY_CACHE=1
 )->GroupDataset:
     "CelebA (official layout) as a `GroupDataset`: y = `target`, a = `spurious`."
     _check_split(split)
@@ -789,30 +901,57 @@ def _check_classes(classes)->tuple:
         f'[[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], got {classes!r}')
     return tuple(tuple(int(d) for d in c) for c in classes)
 
+def _is_fraction(v)->bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and 0 <= v <= 1
+
 def _check_strength(strength, k)->tuple:
     vals = list(strength) if isinstance(strength, (list, tuple)) else [strength] * k
-    ok = len(vals) == k and all(isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool)
-                                and 0 <= s <= 1 for s in vals)
-    if not ok: raise ValueError(f'strength must be a number in [0, 1] or a list of {k} such numbers (one per class), '
-                                f'got {strength!r}')
+    if not (len(vals) == k and all(_is_fraction(s) for s in vals)): raise ValueError(
+        f'strength must be a number in [0, 1] or a list of {k} such numbers (one per class), got {strength!r}')
     return tuple(float(s) for s in vals)
 
-def _n_majority(s, n): return math.floor(s * n + 1e-9)   # floor(s * n), robust to 0.95 * 80 = 75.999...
+def _check_fraction(what, v)->float:
+    if not _is_fraction(v): raise ValueError(f'{what} must be a number in [0, 1] (a fraction of the split), got {v!r}')
+    return float(v)
+
+def spuco_class_colors(
+    c:int,         # the class
+    k:int,         # the number of classes (and of colours)
+    majority,      # one bool per image of the class, in dataset order: True = one of its int(s * n_c) majority images
+)->np.ndarray:     # int64 colour index per image, same order (SpuCo then shuffles these within the class)
+    "SpuCo's colour rule: colour c for a majority image, else `others[i % (K - 1)]` for the class's i-th image."
+    if not (isinstance(k, (int, np.integer)) and k >= 2 and isinstance(c, (int, np.integer)) and 0 <= c < k):
+        raise ValueError(f'expected 0 <= c < k and k >= 2, got c={c!r}, k={k!r}')
+    m = np.asarray(majority, dtype=bool); others = np.array([j for j in range(k) if j != c], dtype=np.int64)
+    return np.where(m, c, others[np.arange(len(m)) % (k - 1)])
+
+def _spuco_correlated(n_per_class, s, rng)->list[np.ndarray]:
+    "Colour of each image of each class (in dataset order): int(s * n_c) majority images at random, the rule, a shuffle."
+    k, out = len(n_per_class), []
+    for c, n in enumerate(n_per_class):
+        maj = np.zeros(n, dtype=bool); maj[rng.permutation(n)[:int(s[c] * n)]] = True
+        out.append(spuco_class_colors(c, k, maj)[rng.permutation(n)])
+    return out
+
+def _colour_rng(seed, split)->np.random.Generator:
+    "The generator of `spuco_mnist`'s colours, label noise, core-feature noise and masks (the caps use another)."
+    return np.random.default_rng([int(seed), SPLITS.index(split), 1])
 
 def spuco_train_counts(
     n_per_class,   # images in each class of the training split
     strength,      # a number in [0, 1] or one per class
+    seed:int=0,    # the `spuco_mnist` seed: it draws which images are the majority
 )->list[int]:      # K x K counts in group order g = y * K + a
-    "Group counts of a correlated split: floor(s * n_c) in (c, c), the rest round-robin over the other colours."
-    k = len(n_per_class); s = _check_strength(strength, k); counts = []
-    for c, n in enumerate(n_per_class):
-        maj = _n_majority(s[c], n); rest = n - maj; others = [j for j in range(k) if j != c]
-        row = [0] * k; row[c] = maj
-        for i, j in enumerate(others): row[j] = rest // (k - 1) + (i < rest % (k - 1))
-        counts += row
-    return counts
+    "Group counts of `spuco_mnist`'s training split for `seed` (before label noise): int(s * n_c) in (c, c), the rest by SpuCo's rule."
+    k = len(n_per_class); s = _check_strength(strength, k)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f'seed must be a non-negative int, got {seed!r}')
+    cols = _spuco_correlated([int(n) for n in n_per_class], s, _colour_rng(seed, 'train'))
+    return np.concatenate([np.bincount(col, minlength=k) for col in cols]).tolist()
 
 # %% ../nbs/01_data.ipynb #15ba13ab
+SPUCO_DEFAULT_STRENGTH = 0.95   # the training split's strength when none is given (see below)
+
 def _spuco_digits(split, classes, root, n_cap, rng):
     d = mnist_digits(split, root)
     cls_of = np.full(10, -1)
@@ -829,58 +968,86 @@ def _check_cap(what, v):
     if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
         raise ValueError(f'{what} must be a positive int or None, got {v!r}')
 
+def _spuco_labels(y, k, s, correlated, label_noise, rng):
+    "`(a, noisy y, which labels are noisy)` for class labels `y`: SpuCo's colours, and in a correlated split its label noise."
+    a, pos = np.zeros(len(y), dtype=np.int64), [np.flatnonzero(y == c) for c in range(k)]
+    if correlated:
+        for p, col in zip(pos, _spuco_correlated([len(p) for p in pos], s, rng)): a[p] = col
+    else:                                           # balanced: colour = position in the class mod K, shuffled
+        for p in pos: col = np.arange(len(p)) % k; rng.shuffle(col); a[p] = col
+    y_noisy, noisy = y.copy(), np.zeros(len(y), dtype=bool)
+    if correlated and label_noise > 0:              # int(p * N) images of the split get a uniformly drawn other class
+        noisy[rng.permutation(len(y))[:int(label_noise * len(y))]] = True
+        y_noisy[noisy] = (y[noisy] + rng.integers(1, k, int(noisy.sum()))) % k
+    return a, y_noisy, noisy
+
 def spuco_mnist(
     split:str,                       # 'train', 'val' or 'test'
     classes=SPUCO_CLASSES,           # disjoint digit groups; class index = position
-    strength=0.95,                   # training split: fraction of each class in its own colour (or one per class)
+    strength=None,                   # fraction of each class in its own colour, or one per class; None -> 0.95, val balanced
     difficulty:str='magnitude_large',# one of `SPUCO_DIFFICULTIES`
-    seed:int=0,                      # which images get which colour (and which are kept by the caps)
+    seed:int=0,                      # which images get which colour, label and noise (and which are kept by the caps)
     n_per_class:int|None=None,       # training split: cap on the images per class (None = all)
     n_eval_per_class:int|None=None,  # val/test: cap on the images per class (None = all)
     root=None,                       # MNIST IDX folder, as in `mnist_digits`
+    val:str|None=None,               # 'correlated' | 'balanced'; None -> SpuCo's rule: correlated iff a non-zero strength is given
+    label_noise:float=0.0,           # correlated splits: fraction of images whose label becomes a random other class
+    core_feature_noise:float=0.0,    # correlated splits: fraction of images whose digit keeps only pixels where N(0, 1) > 0.25
 )->GroupDataset:
-    "SpuCo-style coloured MNIST: y = digit group, a = background colour index, train correlated, val/test balanced."
+    "SpuCo's `SpuCoMNIST`: y = digit group, a = background colour index; train (and val, as SpuCo) correlated, test balanced."
     _check_split(split); classes = _check_classes(classes); k = len(classes)
-    s = _check_strength(strength, k); _check_difficulty(difficulty)
+    given = strength is not None and not (_is_fraction(strength) and strength == 0)   # SpuCo: strength != 0
+    s = _check_strength(SPUCO_DEFAULT_STRENGTH if strength is None else strength, k); _check_difficulty(difficulty)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     _check_cap('n_per_class', n_per_class); _check_cap('n_eval_per_class', n_eval_per_class)
+    if val not in (None, 'correlated', 'balanced'):
+        raise ValueError(f"val must be 'correlated', 'balanced' or None (SpuCo's rule), got {val!r}")
+    label_noise, core_feature_noise = _check_fraction('label_noise', label_noise), _check_fraction('core_feature_noise', core_feature_noise)
+    correlated = split == 'train' or (split == 'val' and (val == 'correlated' or (val is None and given)))
+    shown = s[0] if len(set(s)) == 1 else list(s)
     colors = spuco_colors(k); cnames = [color_name(c) for c in colors]
     group_names = [f'G{y * k + a} {"/".join(map(str, classes[y]))} on {cnames[a]}' for y in range(k) for a in range(k)]
-    rng = np.random.default_rng([int(seed), SPLITS.index(split)])
-    d, idx, y = _spuco_digits(split, classes, root, n_per_class if split == 'train' else n_eval_per_class, rng)
-    n_c = np.bincount(y, minlength=k)
-    if split == 'train': train_n = n_c
-    else:
+    d, idx, y = _spuco_digits(split, classes, root, n_per_class if split == 'train' else n_eval_per_class,
+                              np.random.default_rng([int(seed), SPLITS.index(split)]))
+    rng = _colour_rng(seed, split)
+    a, y_noisy, noisy = _spuco_labels(y, k, s, correlated, label_noise, rng)
+    if split == 'train': g_train = y_noisy * k + a
+    else:                                           # the training split's groups, drawn as spuco_mnist('train') draws them
         _, _, ytr = _spuco_digits('train', classes, root, n_per_class, np.random.default_rng([int(seed), 0]))
-        train_n = np.bincount(ytr, minlength=k)
-    train_counts = spuco_train_counts(train_n.tolist(), s)
-    a = np.zeros(len(y), dtype=np.int64)
-    for c in range(k):
-        pos = np.flatnonzero(y == c)
-        if split == 'train':                 # floor(s * n_c) in colour c, the rest round-robin over the others
-            perm = rng.permutation(pos); maj = _n_majority(s[c], len(pos))
-            others = np.array([j for j in range(k) if j != c], dtype=np.int64)
-            rest = others[np.arange(len(pos) - maj) % (k - 1)]; rng.shuffle(rest)
-            a[perm[:maj]] = c; a[perm[maj:]] = rest
-        else:                                # balanced: colour = position mod K, shuffled
-            col = np.arange(len(pos)) % k; rng.shuffle(col); a[pos] = col
-    counts = np.bincount(y * k + a, minlength=k * k)
+        atr, ytr_noisy, _ = _spuco_labels(ytr, k, s, True, label_noise, _colour_rng(seed, 'train'))
+        g_train = ytr_noisy * k + atr
+    n_c, counts = np.bincount(y, minlength=k), np.bincount(y_noisy * k + a, minlength=k * k)
     if (counts == 0).any():
         empty = [group_names[g] for g in np.flatnonzero(counts == 0)]
-        if split == 'train':
-            s_max = min((n - k + 1) / n for n in n_c) if min(n_c) >= k else 0.0
-            hint = (f'each class keeps floor(s * n_c) of its {n_c.tolist()} images in its own colour; expected a lower '
-                    f'strength (at most {math.floor(s_max * 1000) / 1000:g} leaves every group non-empty)' if s_max > 0 else
-                    f'expected at least {k} images per class (n_per_class)')
+        no_major = [c for c in range(k) if int(s[c] * n_c[c]) == 0]
+        if correlated and no_major:
+            hint = (f'int(s * n_c) = 0 leaves classes {no_major} without an image in their own colour (strength {shown}, '
+                    f'{n_c.tolist()} images per class): expected a larger strength (SpuCo refuses a training split without one)')
+        elif correlated:
+            n_min = [int(n - int(sc * n)) for n, sc in zip(n_c, s)]
+            hint = (f'SpuCo keeps int(s * n_c) of each class in its own colour and gives the i-th image of a class, when it '
+                    f'is not one of those, colour others[i % {k - 1}], so the {n_min} minority images of the classes '
+                    f'(of {n_c.tolist()}) need not reach every other colour; expected a lower strength, more images per '
+                    f'class or another seed' + (", or val='balanced'" if split == 'val' else ''))
         else: hint = f'a balanced split needs at least {k} images per class, it has {n_c.tolist()}'
-        raise ValueError(f'spuco_mnist {split} split with strength {strength}: groups {empty} are empty; {hint}')
+        raise ValueError(f'spuco_mnist {split} split ({"correlated, strength " + str(shown) if correlated else "colour-balanced"}): '
+                         f'groups {empty} are empty; {hint}')
     x = d.x[torch.from_numpy(idx)]
-    mask = spuco_masks(difficulty, len(x), rng) & (x == 0)                  # background pixels only
+    core = np.zeros(len(y), dtype=bool)
+    if correlated and core_feature_noise > 0:      # a digit pixel survives where a standard normal draw exceeds 0.25
+        core[rng.permutation(len(y))[:int(core_feature_noise * len(y))]] = True
+        keep = torch.from_numpy(rng.standard_normal((int(core.sum()), *x.shape[1:])) > 0.25)
+        x = x.clone(); x[torch.from_numpy(core)] = torch.where(keep, x[torch.from_numpy(core)], 0)
+    mask = spuco_masks(difficulty, len(x), rng) & (x == 0)                  # background pixels only (erased ink too)
     out = x.unsqueeze(1).repeat(1, 3, 1, 1)
     col = torch.tensor(colors, dtype=torch.uint8)[torch.from_numpy(a)]       # N x 3
     out = torch.where(mask.unsqueeze(1), col[:, :, None, None], out)
-    return GroupDataset(out, torch.from_numpy(y.astype(np.int64)), torch.from_numpy(a), n_classes=k, n_attr=k,
+    how = (f'correlated, strength {shown}' + (f', label noise {label_noise}' if label_noise else '') +
+           (f', core-feature noise {core_feature_noise}' if core_feature_noise else '') if correlated else 'colour-balanced')
+    return GroupDataset(out, torch.from_numpy(y_noisy.astype(np.int64)), torch.from_numpy(a), n_classes=k, n_attr=k,
                         group_names=group_names, name=f'spuco_mnist/{difficulty}', split=split,
-                        source=f'{d.source}; SpuCo-style colours ({difficulty}, strength {strength})',
-                        train_counts=train_counts)
+                        source=f'{d.source}; SpuCo-style colours ({difficulty}, {how})',
+                        train_counts=np.bincount(g_train, minlength=k * k).tolist(),
+                        extras=dict(clean_y=torch.from_numpy(y.astype(np.int64)), noisy_label=torch.from_numpy(noisy),
+                                    core_noise=torch.from_numpy(core)))

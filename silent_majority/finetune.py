@@ -13,13 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from .core import Run, cached_run, cpu_weights, get_device, seed_everything, show_progress
+from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, training_threads
 from .data import GroupDataset, augment, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, load_weights, outputs_probabilities
-from .neurons import candidate_layers, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
-from .train import (AMP_MODES, ERMConfig, ERMRun, SCALES, TRAIN_PRESETS, autotune_kernels, amp_context, cached_erm,
-                                   cached_training, drop_resume_state, erm_config, evaluate, grad_scaler, group_metrics,
-                                   kept_epoch, predict, predict_ranks, train_erm)
+from .neurons import CANDIDATE_SETS, candidate_layers, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
+from .train import (AMP_MODES, ERMConfig, ERMRun, REAL_DATASETS, SCALES, SYNTHETIC_DATASETS, TRAIN_PRESETS,
+                                   autotune_kernels, amp_context, cached_erm, cached_training, drop_resume_state, erm_config,
+                                   evaluate, grad_scaler, group_metrics, kept_epoch, predict, predict_ranks, train_erm)
 from .classify import embeddings, upsample_indices
 
 # %% auto #0
@@ -142,11 +142,19 @@ class FinetuneConfig:
     forwards:int=2                 # 2 | 3 (the released code's scheme)
     augment:bool=True
     amp:str|None=None              # mixed precision for the training forward passes: 'bf16' | 'fp16' (CUDA) | None
-    channels_last:bool=False       # model and batches in channels-last layout (convolutional models)
+    channels_last:bool=False       # model and batches in channels-last layout (convolutional models, on CUDA)
     keep_resume_state:bool=False   # a finished run keeps optimizer/scheduler state in `last` (else weights only)
     erm_overrides:dict=field(default_factory=dict) # `ERMConfig` fields of the ERM run it starts from, e.g. {'arch': 'vit_s16'}
 
     HASH_OMIT_DEFAULTS = ('amp', 'channels_last', 'keep_resume_state', 'erm_overrides')   # at their defaults: the hash of before
+
+    def __post_init__(self):   # every field's type (core.check_fields), the ranges and choices, and the ERM run's config
+        check_fields(self, dataset=SYNTHETIC_DATASETS + REAL_DATASETS, scale=SCALES, preset=TRAIN_PRESETS, seed='>=0',
+                     kick_in='>=0', epochs='>=1', batch_size='>=2', lr='>0', plateau_factor='(0, 1)', plateau_patience='>=0',
+                     tau='>0', lam='>=0', sup_loss=SUP_LOSSES, views=('two', 'shared'), features=('projection', 'output'),
+                     proj_dim='>=1', criterion=MASK_CRITERIA, frac='(0, 1]', candidates=CANDIDATE_SETS,
+                     grad_source=GRAD_SOURCES, forwards=(2, 3), amp=AMP_MODES)
+        erm_of(self)
 
 _FT_SCALES = {'smoke': dict(kick_in=1, epochs=1, batch_size=32, proj_dim=16, lr=6e-3),
               'cpu':   dict(kick_in=15, epochs=5, batch_size=64, proj_dim=32, lr=2e-3),
@@ -168,12 +176,7 @@ def finetune_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='
     kw.update(overrides); kw['dataset'] = paper_dataset(kw['dataset'], scale)
     arch = kw.get('erm_overrides', {}).get('arch') or erm_config(kw['dataset'], scale=scale, preset=preset).arch
     if arch in TRANSFORMER_ARCHS and 'candidates' not in overrides: kw['candidates'] = 'linear'   # ViT neurons (see `neurons`)
-    cfg = FinetuneConfig(**kw)
-    for name, allowed in (('criterion', MASK_CRITERIA), ('grad_source', GRAD_SOURCES), ('sup_loss', SUP_LOSSES),
-                          ('views', ('two', 'shared')), ('features', ('projection', 'output')), ('forwards', (2, 3)),
-                          ('amp', AMP_MODES)):
-        if getattr(cfg, name) not in allowed: raise ValueError(f'unknown {name} {getattr(cfg, name)!r}: expected one of {list(allowed)}')
-    return cfg
+    return FinetuneConfig(**kw)
 
 def paper_dataset(dataset:str, scale:str)->str:
     "At paper scale the spurious-MNIST names stand for the real benchmarks they imitate (as in `erm_config`)."
@@ -214,7 +217,7 @@ def finetune_epoch(model:nn.Module, head:nn.Module|None, masks:dict, opt, train:
         x = to_float(train.x[idx].to(device), train.mean, train.std); y = train.y[idx].to(device)
         x1 = augment(x, generator=gen) if cfg.augment else x
         x2 = x1 if cfg.views == 'shared' else (augment(x, generator=gen) if cfg.augment else x)
-        if cfg.channels_last: x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
+        if cfg.channels_last and x1.is_cuda: x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
         with autocast:                # the forward passes; the losses below are computed in fp32
             if cfg.forwards == 3:     # the released code: target without grad, auxiliary, target again
                 with torch.no_grad(): a, _ = _features(model, head, x1, None, cfg, probs)
@@ -246,7 +249,7 @@ def _load_state(model, head, st):
 def initial_models(cfg:FinetuneConfig, erm:ERMRun, device)->tuple: # model, head (or None), optimiser
     "The ERM model at the kick-in epoch, a fresh projection head if the config contrasts head features, and their Adam."
     model = erm.model(cfg.kick_in, device=device); head = None
-    if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
+    if cfg.channels_last and torch.device(device).type == 'cuda': model = model.to(memory_format=torch.channels_last)   # as train_erm
     if cfg.features == 'projection':
         train = erm.splits()['train']
         with Penultimate(model) as pen, torch.no_grad(): model(to_float(train.x[:2].to(device), train.mean, train.std))
@@ -255,7 +258,11 @@ def initial_models(cfg:FinetuneConfig, erm:ERMRun, device)->tuple: # model, head
     return model, head, torch.optim.Adam(params, lr=cfg.lr)
 
 def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
-    "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary."
+    "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
+    with training_threads(cfg) as threads:
+        return dict(_finetune(cfg, run, device), torch_threads=threads)
+
+def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:
     run = run or Run(cfg, kind='finetune'); device = get_device(device)
     erm = cached_erm(erm_of(cfg), device=device); splits = erm.splits(); train = splits['train']
     kept_epoch(erm.cfg, cfg.kick_in, 'kick_in'); seed_everything(cfg.seed)
@@ -273,7 +280,7 @@ def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
         if 'optimizer' in st: opt.load_state_dict(st['optimizer']); sched.load_state_dict(st['scheduler'])
         if scaler is not None and 'scaler' in st: scaler.load_state_dict(st['scaler'])
         best = st['best']
-        run.truncate_metrics(lambda r: r['epoch'] <= start)
+    run.truncate_metrics(lambda r: r['epoch'] <= start)   # rows of epochs after `last` (logged, then a crash)
     def log(epoch, **kw):
         row = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], **kw)
         row.update({s: evaluate(model, splits[s], device=device) for s in ('val', 'test')}); run.log(**row); return row
@@ -339,6 +346,11 @@ class JTTConfig:
 
     HASH_OMIT_DEFAULTS = ('erm_overrides',)
 
+    def __post_init__(self):   # every field's type (core.check_fields), the ranges and choices, and the ERM run's config
+        check_fields(self, dataset=SYNTHETIC_DATASETS + REAL_DATASETS, scale=SCALES, preset=TRAIN_PRESETS, seed='>=0',
+                     id_epoch='>=0', upweight='>=1', epochs='>=1')
+        erm_of(self)
+
 _JTT_SCALES = {'smoke': dict(id_epoch=1, upweight=5, epochs=2), 'cpu': dict(id_epoch=5, upweight=20, epochs=20),
                'paper': dict(id_epoch=40, upweight=100, epochs=60)}
 
@@ -359,10 +371,11 @@ def cached_jtt(cfg:JTTConfig, device=None)->ERMRun:
     kept_epoch(erm.cfg, cfg.id_epoch, 'id_epoch')
     final_cfg = dataclasses.replace(erm.cfg, epochs=cfg.epochs, keep_epochs=())
     def train(run, splits, device):
-        tr = splits['train']
-        ident = erm.model(cfg.id_epoch, device=device)
-        errors = (predict_ranks(ident, tr, device).argmax(1) != tr.y).nonzero().flatten()    # the same on every rank
-        res = train_erm(final_cfg, run, splits, device, indices=upsample_indices(errors, len(tr), cfg.upweight))
+        with training_threads(final_cfg):                # the error set too: its predictions sum floats
+            tr = splits['train']
+            ident = erm.model(cfg.id_epoch, device=device)
+            errors = (predict_ranks(ident, tr, device).argmax(1) != tr.y).nonzero().flatten()    # the same on every rank
+            res = train_erm(final_cfg, run, splits, device, indices=upsample_indices(errors, len(tr), cfg.upweight))
         drop_resume_state(run, final_cfg.keep_resume_state)
         return dict(res, error_set_size=len(errors), error_set_groups=torch.bincount(tr.g[errors], minlength=tr.n_groups).tolist())
     run, result, _ = cached_training(cfg, train, 'jtt', erm.splits, device)

@@ -16,9 +16,9 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 from .core import load_torch
 
 # %% auto #0
-__all__ = ['MODELS', 'TRANSFORMER_ARCHS', 'n_params', 'tiny_cnn', 'LeNetBackbone', 'LeNet', 'lenet', 'SmallResNet',
-           'small_resnet', 'load_weights', 'weights_file', 'resnet50', 'deit_to_torchvision', 'vit_s16',
-           'classifier_name', 'outputs_probabilities', 'add_softmax_output', 'build_model']
+__all__ = ['MODELS', 'TRANSFORMER_ARCHS', 'OFFICIAL_ARCHS', 'n_params', 'tiny_cnn', 'LeNetBackbone', 'LeNet', 'lenet',
+           'SmallResNet', 'small_resnet', 'load_weights', 'weights_file', 'resnet50', 'deit_to_torchvision', 'vit_s16',
+           'classifier_name', 'outputs_probabilities', 'add_softmax_output', 'build_model', 'load_official_checkpoint']
 
 # %% ../nbs/02_models.ipynb #74d7f7da
 @contextlib.contextmanager
@@ -129,14 +129,25 @@ def small_resnet(n_classes:int=2, in_ch:int=3, widths:tuple=(16, 32, 64), blocks
     with _seeded(seed): return SmallResNet(n_classes, in_ch, widths, blocks)
 
 # %% ../nbs/02_models.ipynb #b0ce3136
+_OFFICIAL_KEY = 'model_state_dict'   # the released code keeps its weights under this key; this package never does
+
+def _refuse_official(obj, what:str):
+    "Refuse a checkpoint of the authors' released code: its class order is reversed, only `load_official_checkpoint` reads it."
+    if isinstance(obj, Mapping) and _OFFICIAL_KEY in obj:
+        raise ValueError(f"the {what} is a checkpoint of the authors' released code (its weights are under "
+                         f"'{_OFFICIAL_KEY}' and its output unit 0 is class y=1): load it with "
+                         f"load_official_checkpoint(path, arch='resnet50' or 'vit_s16'), which makes unit y class y; "
+                         f"loaded as it is, every prediction would be inverted")
+
 def _state_dict(obj, what:str='checkpoint')->dict:
     "The state dict inside `obj` (a path or a dict), unwrapped and without a `module.` prefix."
     if isinstance(obj, (str, Path)):
         path = Path(obj).expanduser()
         if not path.exists(): raise FileNotFoundError(f'no {what} at {path}')
         obj = load_torch(path)
-    for key in ('model', 'model_state_dict', 'state_dict'):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping): obj = obj[key]; break
+    _refuse_official(obj, what)
+    for key in ('model', 'state_dict'):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping): obj = obj[key]; _refuse_official(obj, what); break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f'expected a state dict (a dict of tensors) in the {what}, got {type(obj).__name__}')
     if obj and all(k.startswith('module.') for k in obj): obj = {k[len('module.'):]: v for k, v in obj.items()}
@@ -157,10 +168,10 @@ def _load_state(model:nn.Module, sd:dict, skip:tuple=(), what:str='checkpoint')-
 
 def load_weights(
     model:nn.Module,
-    path_or_state, # a checkpoint file or a state dict, possibly under 'model', 'model_state_dict' or 'state_dict'
+    path_or_state, # a checkpoint file or a state dict of this package, possibly under 'model' or 'state_dict'
     what:str='checkpoint', # how errors name it
 )->nn.Module:
-    "Load a whole-model checkpoint into `model` strictly; returns `model`."
+    "Load a whole-model checkpoint into `model` strictly; returns `model`. Released-code checkpoints are refused."
     return _load_state(model, _state_dict(path_or_state, what), what=what)
 
 # %% ../nbs/02_models.ipynb #87b889b6
@@ -300,3 +311,68 @@ def build_model(
                              f'load a checkpoint with load_weights')
         model = MODELS[arch](n_classes, in_ch=in_ch, seed=seed, **arch_kwargs)
     return add_softmax_output(model) if softmax_output else model
+
+# %% ../nbs/02_models.ipynb #a2c9c5b5
+OFFICIAL_ARCHS = {'resnet50': 'fc.0', 'vit_s16': 'head.0'}   # our arch -> the released code's final Linear
+
+def _strip_data_parallel(sd:dict, what:str)->dict:
+    "Drop DataParallel's `module.` prefix, which must be on every key or on none."
+    n = sum(k.startswith('module.') for k in sd)
+    if 0 < n < len(sd):
+        raise ValueError(f"{n} of the {len(sd)} keys of the {what} start with DataParallel's 'module.' prefix: expected "
+                         f"it on every key (a model saved through nn.DataParallel) or on none, but "
+                         f"{[k for k in sd if not k.startswith('module.')][:3]} lack it")
+    return {k[len('module.'):]: v for k, v in sd.items()} if n else dict(sd)
+
+def _official_state(path, what:str)->dict:
+    "The `model_state_dict` of a released-code checkpoint file, read with `weights_only=True`, without `module.`."
+    path = Path(path).expanduser()
+    if not path.exists(): raise FileNotFoundError(f'no {what} at {path}')
+    ck = load_torch(path)   # weights_only=True: a file carrying other pickled objects raises UnsafeFileError
+    if not isinstance(ck, Mapping) or _OFFICIAL_KEY not in ck:
+        found = sorted(map(str, ck))[:8] if isinstance(ck, Mapping) else type(ck).__name__
+        raise ValueError(f"the {what} holds no '{_OFFICIAL_KEY}' (found {found}): expected the released code's "
+                         f"layout, a dict with 'model_state_dict' beside 'epoch', 'optimizer_state_dict' and 'loss'; "
+                         f"a checkpoint of this package loads with load_weights")
+    sd = ck[_OFFICIAL_KEY]
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"'{_OFFICIAL_KEY}' of the {what} is not a state dict: expected a non-empty dict of tensors, "
+                         f"got {type(sd).__name__}")
+    return _strip_data_parallel(sd, what)
+
+def _swap_classes(sd:dict, head:str, what:str)->dict:
+    "A copy of `sd` with the two rows of `{head}.weight` and the two entries of `{head}.bias` swapped."
+    w, b = sd.get(f'{head}.weight'), sd.get(f'{head}.bias')
+    if w is None or b is None:
+        raise ValueError(f"the {what} has no {head}.weight and {head}.bias: expected the released code's head "
+                         f"Sequential(Linear(d, 2), Softmax(dim=1)) under '{head.rpartition('.')[0]}'")
+    if w.ndim != 2 or w.shape[0] != 2 or b.shape != (2,):
+        raise ValueError(f"the {what} has a head with {len(w) if w.ndim else 0} outputs ({head}.weight {tuple(w.shape)}, {head}.bias "
+                         f"{tuple(b.shape)}): expected exactly 2, the released code's one-hot [y, 1-y]")
+    return {**sd, f'{head}.weight': w[[1, 0]], f'{head}.bias': b[[1, 0]]}
+
+def _official_to_ours(sd:dict, arch:str, what:str)->dict:
+    "Rename the released code's keys to ours: ResNet-50's are torchvision's already, the ViT's are timm's."
+    if arch == 'resnet50': return sd
+    if 'cls_token' not in sd:
+        raise ValueError(f"the {what} is not a ViT: expected the released code's deit_small keys (cls_token, pos_embed, "
+                         f"patch_embed.proj.*, blocks.N.*, norm.*, head.0.*), got {sorted(sd)[:5]}")
+    head = {'head.0.weight': 'heads.head.0.weight', 'head.0.bias': 'heads.head.0.bias'}
+    extra = sorted(k for k in sd if k.startswith('head.') and k not in head)
+    if extra: raise ValueError(f'the {what} has head keys {extra}: expected only {list(head)}')
+    try: body = deit_to_torchvision({k: v for k, v in sd.items() if k not in head})
+    except ValueError as e: raise ValueError(f'the {what} does not fit vit_s16: {e}') from e
+    return body | {ours: sd[k] for k, ours in head.items()}
+
+def load_official_checkpoint(
+    path:str|Path,         # an `epoch_N_checkpoints.pth.tar` written by the authors' released code
+    arch:str='resnet50',   # 'resnet50' | 'vit_s16' (the released code's `resnet50` and `deit_small`)
+)->nn.Module:              # in eval mode, on the CPU; outputs probabilities, unit y = class y
+    "Load a released-code checkpoint, swapping its two output units so that unit y is class y."
+    if arch not in OFFICIAL_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {list(OFFICIAL_ARCHS)} "
+                         f"(the released code's resnet50 and deit_small)")
+    what = f'released-code checkpoint {path} (expected arch {arch})'
+    sd = _swap_classes(_official_state(path, what), OFFICIAL_ARCHS[arch], what)
+    model = build_model(arch, 2, softmax_output=True, seed=0)   # every tensor is then overwritten
+    return _load_state(model, _official_to_ours(sd, arch, what), what=what).eval()

@@ -18,9 +18,9 @@ from .train import predict
 
 # %% auto #0
 __all__ = ['CANDIDATE_SETS', 'CANDIDATE_PRESETS', 'TRANSFORMER_CANDIDATES', 'GRADIENT_SAMPLE_RULES', 'MODES', 'neuron_layers',
-           'preset_candidates', 'candidate_layers', 'neuron_table', 'magnitude_scores', 'gradient_scores',
-           'gradient_samples', 'group_gradient_scores', 'resolve_k', 'scores_frame', 'top_k', 'bottom_k', 'random_k',
-           'apply_modification', 'modify']
+           'preset_candidates', 'candidate_layers', 'neuron_table', 'magnitude_scores', 'standard_layout',
+           'gradient_scores', 'gradient_samples', 'group_gradient_scores', 'resolve_k', 'scores_frame', 'top_k',
+           'bottom_k', 'random_k', 'apply_modification', 'modify']
 
 # %% ../nbs/04_neurons.ipynb #417a4fe7
 def neuron_layers(model:nn.Module)->dict: # dotted name -> module, in model order
@@ -93,6 +93,21 @@ def magnitude_scores(
     "The L2 norm of every candidate neuron's weight slice."
     return {n: _norms(model.get_submodule(n).weight) for n in candidate_layers(model, candidates)}
 
+# %% ../nbs/04_neurons.ipynb #8a9da333
+def _standard_strides(shape)->tuple:
+    st, acc = [], 1
+    for n in reversed(shape): st.append(acc); acc *= n
+    return tuple(reversed(st))
+
+@contextlib.contextmanager
+def standard_layout(model:nn.Module): # its parameters get the standard strides within the block
+    "Within the block, every parameter of `model` with non-standard strides (channels-last conv weights, also 1x1 ones) is in the standard row-major layout; each gets its own storage and layout back afterwards, holding the block's values."
+    moved = [(p, p.data) for p in model.parameters() if p.ndim > 1 and p.stride() != _standard_strides(p.shape)]
+    for p, old in moved: p.data = old.clone(memory_format=torch.contiguous_format)
+    try: yield model
+    finally:
+        for p, old in moved: old.copy_(p.data); p.data = old
+
 # %% ../nbs/04_neurons.ipynb #a01c9741
 def gradient_scores(
     model:nn.Module,
@@ -116,7 +131,7 @@ def gradient_scores(
     try:
         model.eval()
         for w in frozen: w.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), standard_layout(model):
             out = model(x.to(dev))
             if out.ndim != 2 or len(out) != len(x):
                 raise ValueError(f'expected model outputs of shape ({len(x)}, n_classes), got {tuple(out.shape)}')

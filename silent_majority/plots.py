@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_plots.ipynb #8d3816cf
 from __future__ import annotations
-import datetime, json, os, platform, subprocess, sys, time
+import datetime, json, os, platform, re, subprocess, sys, time
 from importlib import metadata
 from pathlib import Path
 import matplotlib
@@ -17,8 +17,9 @@ import pandas as pd
 from .core import atomic_path, atomic_write, config_dict, figures_dir, repo_root
 
 # %% auto #0
-__all__ = ['PAPER_NUMBERS', 'GROUP_COLORS', 'git_state', 'package_versions', 'save_figure', 'set_style', 'plot_split_groups',
-           'group_label', 'group_shade', 'clip_err', 'plot_k_bars', 'plot_sigma_sweep']
+__all__ = ['MACHINE_ENV', 'PAPER_NUMBERS', 'GROUP_COLORS', 'git_state', 'package_versions', 'cpu_model', 'machine_info',
+           'save_figure', 'set_style', 'plot_split_groups', 'group_label', 'group_shade', 'clip_err', 'plot_k_bars',
+           'plot_sigma_sweep']
 
 # %% ../nbs/09_plots.ipynb #a27e8d9f
 _T0 = time.time()
@@ -43,6 +44,37 @@ def package_versions()->dict:
         try: out[p] = metadata.version(p)
         except metadata.PackageNotFoundError: out[p] = None
     return out
+
+MACHINE_ENV = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_CBWR', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'SM_NUMERICS')
+
+def cpu_model(cpuinfo:str|Path='/proc/cpuinfo')->str|None: # where Linux describes the CPU
+    "The CPU's model name: from `cpuinfo` where it names one, else from `platform` (None if neither does)."
+    try:
+        for line in Path(cpuinfo).read_text(errors='replace').splitlines():
+            key, _, value = line.partition(':')
+            if key.strip() in ('model name', 'Hardware', 'Processor', 'cpu model') and value.strip(): return value.strip()
+    except OSError: pass
+    return platform.processor() or platform.machine() or None
+
+def _numeric_libraries(show:str)->dict: # the text of `torch.__config__.show()`
+    blas = re.search(r'BLAS_INFO=([^,\s]+)', show)
+    line = next((l.strip(' -\t') for l in show.splitlines()
+                 if re.search(r'Math Kernel Library|OpenBLAS|BLIS|ArmPL|Accelerate', l)), None)
+    dnn = re.search(r'(?:MKL-DNN|oneDNN)\s+(v?\d[\w.]*)', show)
+    return dict(blas=blas[1] if blas else None, blas_version=line, onednn_version=dnn[1] if dnn else None)
+
+def machine_info()->dict:
+    "The machine that computed the numbers: CPU, torch's CPU capability and threads, BLAS and oneDNN versions, platform, and the environment variables that steer them."
+    import torch, torch.backends.cpu, torch.backends.mkldnn
+    libs = _numeric_libraries(torch.__config__.show())
+    dnn = getattr(torch.backends.mkldnn, 'version', None)   # newer torch may say it directly
+    if dnn is not None: libs['onednn_version'] = str(dnn() if callable(dnn) else dnn)
+    cap = getattr(torch.backends.cpu, 'get_cpu_capability', None)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return dict(cpu_model=cpu_model(), cpu_cores=os.cpu_count(), cpu_cores_usable=usable,
+                torch_cpu_capability=cap() if cap else None, torch_threads=torch.get_num_threads(), **libs,
+                onednn_available=torch.backends.mkldnn.is_available(), platform=platform.platform(),
+                env={k: os.environ.get(k) for k in MACHINE_ENV})
 
 # %% ../nbs/09_plots.ipynb #50d392fb
 def save_figure(
@@ -72,7 +104,7 @@ def save_figure(
     side = dict(id=fig_id, params=params, scale=params.get('scale'), dataset=params.get('dataset'),
                 seeds=params.get('seeds', [params['seed']] if 'seed' in params else []), data_source=source,
                 configs=[config_dict(c) for c in (configs or [])], summary=summary or {},
-                git=git_state(), versions=package_versions(),
+                git=git_state(), versions=package_versions(), machine=machine_info(),
                 wall_time_s=round(time.time() - _T0, 2),
                 created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 files=[p.name for p in paths.values()], csv_columns=list(data.columns))

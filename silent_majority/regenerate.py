@@ -4,17 +4,18 @@
 
 # %% ../nbs/10_regenerate.ipynb #c8233c8c
 from __future__ import annotations
-import argparse, ast, concurrent.futures as cf, json, multiprocessing as mp, os, re, sys, time
+import argparse, ast, concurrent.futures as cf, json, multiprocessing as mp, os, re, sys, tempfile, time, warnings
 from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 from .core import atomic_write, cache_dir, figures_dir, parse_assignment, repo_root
 
 # %% auto #0
-__all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'FINDING_KEYS', 'GALLERY_SECTIONS', 'README_BLOCKS', 'figure_notebooks',
-           'natural_key', 'parameters_cell', 'parameter_types', 'check_parameters', 'default_out_dir', 'run_notebook',
-           'kernel_threads', 'regenerate', 'format_table', 'read_sidecars', 'findings', 'results_table', 'update_block',
-           'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
+__all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'FINDING_KEYS', 'GALLERY_SECTIONS',
+           'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell', 'parameter_types', 'check_parameters',
+           'default_out_dir', 'NotWritableError', 'check_writable', 'kernel_warnings', 'last_cell_ran', 'run_notebook',
+           'kernel_threads', 'regenerate', 'format_table', 'SidecarWarning', 'read_sidecars', 'findings',
+           'results_table', 'update_block', 'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
 
 # %% ../nbs/10_regenerate.ipynb #390fa9f4
 FIGURE_FOLDERS = ('paper', 'course')
@@ -70,6 +71,62 @@ def default_out_dir(scale:str)->Path:
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     return figures_dir() if scale == 'cpu' else figures_dir()/scale
 
+# %% ../nbs/10_regenerate.ipynb #102017ab
+class NotWritableError(OSError):
+    "A folder that cannot be created or written to."
+
+def check_writable(
+    folder:str|Path,   # a folder the run will write to (created if missing)
+    what:str='files',  # what goes there, for the message: 'figures', 'the run cache', ...
+)->Path:               # `folder`
+    "`folder`, created if need be, once a probe file could be written into it and removed; else a `NotWritableError` saying why."
+    folder = Path(folder)
+    try:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocker is None or blocker.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=folder); os.close(fd); os.remove(probe)
+            return folder
+        reason = f'{blocker} is a file, not a folder'
+    except OSError as e:
+        where = Path(e.filename) if e.filename else None
+        reason = (e.strerror or str(e)) + (f' ({where})' if where and where != folder and folder.is_relative_to(where) else '')
+    raise NotWritableError(f'cannot write {what} to {folder}: {reason}')
+
+WARNING_LINE = re.compile(r'^(?P<where>\S.*?:\d+): (?P<category>[A-Za-z_][\w.]*Warning): (?P<message>.*\S)')
+KERNEL_NOISE = ('Kernel is running over TCP without encryption',)  # printed by every kernel, says nothing about the run
+
+def kernel_warnings(nb)->list[str]: # an executed notebook: its path or the `NotebookNode`
+    "The distinct Python warnings the kernel printed to stderr while `nb` ran, as 'Category: message (file:line)', first seen first."
+    nb = nbformat.read(str(nb), as_version=4) if isinstance(nb, (str, Path)) else nb
+    out = {}
+    for c in nb.cells:
+        for o in c.get('outputs', []):
+            if o.get('output_type') != 'stream' or o.get('name') != 'stderr': continue
+            for line in o.get('text', '').splitlines():
+                m = WARNING_LINE.match(line)
+                if m and not any(n in line for n in KERNEL_NOISE):
+                    out.setdefault((m['category'], m['message']), f"{m['category']}: {m['message']} ({m['where']})")
+    return list(out.values())
+
+def last_cell_ran(executed:str|Path)->tuple|None: # (index in the notebook as written, from 0; its first line); None if none ran
+    "The cell that ran last in an executed notebook, from papermill's start times and the execution counts."
+    cells = nbformat.read(str(executed), as_version=4).cells
+    injected = ['injected-parameters' in c.get('metadata', {}).get('tags', []) for c in cells]
+    ran = [i for i, c in enumerate(cells) if c.cell_type == 'code' and not injected[i] and
+           ((c.get('metadata', {}).get('papermill') or {}).get('start_time') or c.get('execution_count'))]
+    if not ran: return None
+    src = cells[ran[-1]].source.strip()
+    return ran[-1] - sum(injected[:ran[-1]]), src.splitlines()[0] if src else ''
+
+def _failure_point(executed:Path)->dict:
+    try: last = last_cell_ran(executed)
+    except FileNotFoundError: return dict(where='before any cell ran (papermill wrote no executed notebook)')
+    except Exception as e:
+        return dict(where=f'at an unknown point (the executed notebook {executed} cannot be read: {type(e).__name__}: {e})')
+    if last is None: return dict(where='before any cell ran')
+    return dict(where=f'cell {last[0]} ({last[1]!r}) was the last cell that ran', last_cell=last[0], last_cell_source=last[1])
+
 # %% ../nbs/10_regenerate.ipynb #4202125a
 def _pin_kernel()->None:
     kdir = cache_dir()/'jupyter'/'kernels'/'python3'; kdir.mkdir(parents=True, exist_ok=True)
@@ -87,15 +144,17 @@ def run_notebook(
     parameters:dict|None=None,    # more parameters to inject (e.g. seed, dataset)
     executed_dir:str|Path|None=None, # None -> cache_dir()/'executed'/scale
     threads:int|None=None,        # torch/BLAS threads for the kernel (None: leave as is)
-)->dict:                          # id, notebook, status ('ok' | 'failed'), seconds, executed, error, cell
-    "Execute one figure notebook with papermill in a fresh kernel."
+)->dict:                          # id, notebook, status ('ok' | 'failed'), seconds, executed, error, cell, where, warnings
+    "Execute one figure notebook with papermill in a fresh kernel; report how it ended and the warnings its kernel printed."
     import papermill as pm
     path = Path(path); out_dir = Path(out_dir) if out_dir else default_out_dir(scale)
     executed = Path(executed_dir or cache_dir()/'executed'/scale)/path.name; executed.parent.mkdir(parents=True, exist_ok=True)
     params = check_parameters(path, dict(scale=scale, out_dir=str(out_dir), **(parameters or {})))
     _pin_kernel()
     if threads: os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    res = dict(id=path.stem, notebook=str(path), status='ok', seconds=0.0, executed=str(executed), error=None, cell=None)
+    res = dict(id=path.stem, notebook=str(path), status='ok', seconds=0.0, executed=str(executed), error=None, cell=None,
+               warnings=[])
+    executed.unlink(missing_ok=True)   # an executed copy left by an earlier run must not be read as this run's
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(path), str(executed), parameters=params, kernel_name='python3',
@@ -108,7 +167,10 @@ def run_notebook(
             idx = next((i for i, c in enumerate(cells) if c.source == src), e.cell_index)
             first = src.strip().splitlines()[0] if src.strip() else ''
             res.update(cell=idx, error=f'{e.ename}: {e.evalue}'[:500], cell_source=first)
+        else: res.update(_failure_point(executed))   # the kernel died, a write failed, ...: say how far it got
     res['seconds'] = round(time.perf_counter() - t0, 1)
+    try: res['warnings'] = kernel_warnings(executed) if executed.exists() else []
+    except Exception as e: res['warnings'] = [f'(the warnings could not be read from {executed}: {type(e).__name__}: {e})']
     return res
 
 # %% ../nbs/10_regenerate.ipynb #c3a87023
@@ -136,14 +198,21 @@ def regenerate(
 )->list[dict]:                   # one result per notebook (see `run_notebook`)
     "Run the figure notebooks through papermill, in parallel, and return one result each."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
-    if not isinstance(workers, int) or workers < 1: raise ValueError(f'workers must be a positive int, got {workers!r}')
-    paths = _select(only, nbs); _pin_kernel()
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f'workers must be a positive int, got {workers!r}')
+    _check_seed((parameters or {}).get('seed'))
+    paths = _select(only, nbs)
     for p in paths:                              # wrong parameters fail before any notebook starts
         check_parameters(p, dict(scale=scale, out_dir=str(out_dir or default_out_dir(scale)), **(parameters or {})))
+    check_writable(out_dir or default_out_dir(scale), 'figures')   # so do folders that cannot be written
+    check_writable(cache_dir(), 'the run cache (SM_CACHE)')
+    check_writable(executed_dir or cache_dir()/'executed'/scale, 'executed notebooks')
+    _pin_kernel()
     threads = kernel_threads(scale, workers, len(paths))
     kw = dict(scale=scale, out_dir=out_dir, parameters=parameters, executed_dir=executed_dir, threads=threads)
     bar = tqdm(total=len(paths), desc=f'figures ({scale})', unit='nb', disable=os.environ.get('SM_PROGRESS') == '0')
     def done(r):
+        for w in r.get('warnings') or []: tqdm.write(f"{r['id']}: {w}", file=sys.stderr)   # each distinct one once
         bar.update(1); bar.set_postfix_str(f"{r['id']} {r['status']} {r['seconds']:.0f}s"); return r
     with bar:
         if workers == 1 or len(paths) <= 1: return [done(run_notebook(p, **kw)) for p in paths]
@@ -154,6 +223,10 @@ def regenerate(
 
 def _run_one(args): p, kw = args; return run_notebook(p, **kw)
 
+def _check_seed(seed, name:str='seed'):
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        raise ValueError(f'{name} must be a non-negative int, got {seed}')
+
 def format_table(results:list[dict])->str:
     "A plain-text table of notebook, status and seconds, then one line per failure."
     w = max([len('notebook')] + [len(r['id']) for r in results])
@@ -161,19 +234,40 @@ def format_table(results:list[dict])->str:
     lines += [f"{r['id']:<{w}}  {r['status']:<6}  {r['seconds']:>8.1f}" for r in results]
     for r in results:
         if r['status'] != 'ok':
-            where = f"cell {r['cell']} ({r.get('cell_source', '')!r})" if r['cell'] is not None else 'before any cell ran'
+            where = (f"cell {r['cell']} ({r.get('cell_source', '')!r})" if r['cell'] is not None else
+                     r.get('where') or 'at an unknown point')
             lines.append(f"FAILED {r['notebook']}: {where}: {r['error']}\n       executed notebook kept at {r['executed']}")
     return '\n'.join(lines)
 
 # %% ../nbs/10_regenerate.ipynb #472c188d
 FINDING_KEYS = ('finding', 'reported', 'ours', 'holds')
 
-def read_sidecars(fig_dir:str|Path|None=None)->dict: # id -> sidecar dict
-    "The figure sidecars (`<id>.json` with an `id` and a `summary`) in `fig_dir` (default: figures/)."
-    fig_dir = Path(fig_dir or figures_dir()); out = {}
+class SidecarWarning(UserWarning):
+    "A figure whose json sidecar is missing or damaged: its findings and provenance cannot be shown."
+
+def _shown(p:Path)->str:
+    try: return Path(p).resolve().relative_to(repo_root()).as_posix()
+    except ValueError: return str(p)
+
+def _sidecars(fig_dir)->tuple[dict, dict]: # (id -> sidecar, id -> what is wrong with its sidecar)
+    fig_dir = Path(fig_dir or figures_dir()); out, bad = {}, {}
     for p in sorted(fig_dir.glob('*.json')):
-        d = json.loads(p.read_text())
+        try: d = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad[p.stem] = f'{_shown(p)} is damaged ({type(e).__name__}: {e}): regenerate this figure'; continue
         if isinstance(d, dict) and 'id' in d and 'summary' in d: out[d['id']] = d
+        elif p.with_suffix('.png').exists():
+            bad[p.stem] = f"{_shown(p)} is not a figure sidecar (it lacks 'id' or 'summary'): regenerate this figure"
+    for p in sorted(fig_dir.glob('*.png')):
+        if not p.with_suffix('.json').exists(): bad[p.stem] = f"{_shown(p.with_suffix('.json'))} is missing: regenerate this figure"
+    return out, bad
+
+def _warn_sidecars(bad:dict):
+    for text in bad.values(): warnings.warn(text, SidecarWarning, stacklevel=3)
+
+def read_sidecars(fig_dir:str|Path|None=None)->dict: # id -> sidecar dict
+    "The figure sidecars (`<id>.json` with an `id` and a `summary`) in `fig_dir` (default: figures/); warns of each missing or damaged one."
+    out, bad = _sidecars(fig_dir); _warn_sidecars(bad)
     return out
 
 def _title(nb:Path|None)->str:
@@ -238,12 +332,15 @@ GALLERY_SECTIONS = {'paper': ('The paper', 'paper reports'), 'course': ('The cou
 def _provenance(d:dict)->str:
     g = d.get('git') or {}; commit = (g.get('commit') or 'unknown')[:10] + (' (uncommitted changes)' if g.get('dirty') else '')
     seeds = ', '.join(map(str, d.get('seeds') or [])) or 'n/a'
+    m = d.get('machine') or {}   # sidecars written before the machine was recorded have none
+    cpu = (f"; CPU {m.get('cpu_model') or 'unknown'} ({m.get('torch_cpu_capability') or 'capability unknown'}, "
+           f"{m.get('torch_threads', '?')} torch thread(s))") if m else ''
     return (f"scale `{d.get('scale')}`; dataset `{d.get('dataset')}`; seeds {seeds}; data: {d.get('data_source') or 'n/a'}; "
-            f"commit `{commit}`; wall time {float(d.get('wall_time_s') or 0):.0f} s; written {d.get('created_utc', 'n/a')}")
+            f"commit `{commit}`{cpu}; wall time {float(d.get('wall_time_s') or 0):.0f} s; written {d.get('created_utc', 'n/a')}")
 
 def gallery(fig_dir:str|Path|None=None, nbs:str|Path|None=None)->str: # markdown
     "The figure gallery: each regenerated figure with its image, caption, findings (reported beside ours) and provenance."
-    fig_dir = Path(fig_dir or figures_dir()); sides = read_sidecars(fig_dir); nbks = figure_notebooks(nbs)
+    fig_dir = Path(fig_dir or figures_dir()); sides, bad = _sidecars(fig_dir); nbks = figure_notebooks(nbs); _warn_sidecars(bad)
     scales = sorted({str(d.get('scale')) for d in sides.values()}) or ['none yet']
     out = [f"# Figure gallery ({', '.join(scales)} scale)", '',
            'Written by `sm-regenerate` from the figures in this folder and their json sidecars; do not edit by hand. '
@@ -258,7 +355,9 @@ def gallery(fig_dir:str|Path|None=None, nbs:str|Path|None=None)->str: # markdown
         title, rep = GALLERY_SECTIONS[folder]; out += [f'## {title}', '']
         for nb in (p for p in nbks if p.parent.name == folder):
             i = nb.stem
-            if i not in sides: out += [f'### {i}', '', f'Not regenerated yet: run `sm-regenerate --only {i}`.', '']; continue
+            if i not in sides:
+                out += [f'### {i}', '', f'**{bad[i]}** (`sm-regenerate --only {i}`).' if i in bad else
+                        f'Not regenerated yet: run `sm-regenerate --only {i}`.', '']; continue
             d = sides[i]; rel = Path(os.path.relpath(nb, fig_dir)).as_posix()
             out += [f'<a id="{i.lower()}"></a>', f'### {_title(nb) or i}', '', f'![{i}]({i}.png)', '', caption(nb), '',
                     f'| finding | {rep} | ours | holds here |', '|---|---|---|---|']
@@ -290,6 +389,8 @@ def refresh_readme(readme:str|Path|None=None, fig_dir:str|Path|None=None, nbs:st
 # %% ../nbs/10_regenerate.ipynb #d298c1f0
 def _literal_param(text:str)->tuple: return parse_assignment(text, 'a parameter as NAME=VALUE')
 
+def _refuse(message:str)->int: print(f'sm-regenerate: {message}', file=sys.stderr); return 2
+
 def main(argv:list|None=None)->int:
     "Command line: `sm-regenerate --scale S [--only ID ...] [--workers N] [--out-dir DIR] [--seed N] [-p NAME=VALUE ...] [--dry-run]`."
     ap = argparse.ArgumentParser(prog='sm-regenerate', description='Regenerate the figures by running the figure notebooks.')
@@ -307,23 +408,23 @@ def main(argv:list|None=None)->int:
     a = ap.parse_args(argv)
     if a.list:
         print('\n'.join(f'{p.stem:<24} {p}' for p in figure_notebooks(a.nbs))); return 0
+    if a.workers < 1: return _refuse(f'--workers must be a positive int, got {a.workers}')
+    if a.seed is not None and a.seed < 0: return _refuse(f'--seed must be a non-negative int, got {a.seed}')
     if a.dry_run:
         from silent_majority.plan import dry_run
         try:
             params = dict(_literal_param(p) for p in a.param)
             bad = set(params) - {'dataset', 'seed', 'arch'}
             if bad: raise ValueError(f'--dry-run understands the parameters dataset, seed and arch, got {sorted(bad)}')
-            seed = a.seed if a.seed is not None else params.get('seed', 0)
+            seed = a.seed if a.seed is not None else params.get('seed', 0); _check_seed(seed)
             text, ready = dry_run(a.scale, [p.stem for p in _select(a.only, a.nbs)], (seed,), params.get('dataset'), params.get('arch'))
-        except (ValueError, TypeError) as e:
-            print(f'sm-regenerate: {e}', file=sys.stderr); return 2
+        except (ValueError, TypeError) as e: return _refuse(str(e))
         print(text); return 0 if ready else 1
     try:
         params = dict(_literal_param(p) for p in a.param)
         if a.seed is not None: params['seed'] = a.seed
         results = regenerate(a.scale, a.only, a.workers, a.out_dir, params or None, a.nbs)
-    except (ValueError, TypeError) as e:
-        print(f'sm-regenerate: {e}', file=sys.stderr); return 2
+    except (ValueError, TypeError, NotWritableError) as e: return _refuse(str(e))
     print(format_table(results))
     fig_dir = Path(a.out_dir) if a.out_dir else default_out_dir(a.scale)
     print(f'gallery: {write_gallery(fig_dir, a.nbs)}')

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .core import full_fp32, get_device
+from .core import TRAINING_THREADS, full_fp32, get_device, pinned_threads
 from .data import GroupDataset, to_float
 from .neurons import (candidate_layers, magnitude_scores, group_gradient_scores, top_k, bottom_k,
                                      random_k, modify, scores_frame, resolve_k, MODES, CANDIDATE_PRESETS, preset_candidates)
@@ -71,12 +71,14 @@ class TracingEngine:
         device=None,
         batch_size:int|None=None,  # eval batch (None: 256 on the CPU, 1024 on a GPU); eval-mode BN makes results independent of it
         dataset:str='',            # name written into result tables
-        channels_last:bool=True,   # store the model's conv weights channels-last (a layout change; fp32 as before)
+        channels_last:bool|None=None, # conv weights channels-last for the forward passes (None: on CUDA only; gradients always use the standard layout)
+        threads:int|None=None,     # torch threads for gradient scores, whose sums depend on the count (None: the caller's)
     ):
         self.device = get_device(device); self.model = model.eval().to(self.device)
+        if channels_last is None: channels_last = self.device.type == 'cuda'
         if channels_last: self.model.to(memory_format=torch.channels_last)
         batch_size = batch_size or (256 if self.device.type == 'cpu' else 1024)
-        self.splits, self.rule, self.batch_size, self.dataset = splits, rule, batch_size, dataset
+        self.splits, self.rule, self.batch_size, self.dataset, self.threads = splits, rule, batch_size, dataset, threads
         self.candidates = candidates if isinstance(candidates, dict) else {c: candidates for c in CRITERIA}
         for c in CRITERIA: candidate_layers(model, self.candidates[c])      # validate early
         self.x = {s: ds.x.to(self.device) for s, ds in splits.items()}      # uint8, cached once
@@ -123,7 +125,7 @@ class TracingEngine:
         key = ('scores', criterion, None if criterion == 'magnitude' else (group, split, seed))
         if key not in self._memo:
             cand = self.candidates[criterion]
-            with full_fp32(): self._memo[key] = (magnitude_scores(self.model, cand) if criterion == 'magnitude' else
+            with full_fp32(), pinned_threads(self.threads): self._memo[key] = (magnitude_scores(self.model, cand) if criterion == 'magnitude' else
                                group_gradient_scores(self.model, self.splits[split], group, self.rule, cand, seed, self.device))
         return self._memo[key]
 
@@ -308,7 +310,8 @@ def engine_for(erm:ERMRun, eval_splits=('train', 'test'), device=None, epoch:int
     bad = [s for s in eval_splits if s not in sp]
     if bad: raise ValueError(f'unknown splits {bad}: expected some of {list(sp)}')
     eng = TracingEngine(erm.model(e, device=device), {s: sp[s] for s in eval_splits}, device=device, dataset=erm.cfg.dataset,
-                        candidates=preset_candidates(erm.cfg.preset, erm.cfg.arch), rule=erm.cfg.preset)
+                        candidates=preset_candidates(erm.cfg.preset, erm.cfg.arch), rule=erm.cfg.preset,
+                        threads=TRAINING_THREADS if erm.cfg.scale in ('smoke', 'cpu') else None)   # as sm-regenerate's kernels
     eng.epoch = e
     return eng
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_train.ipynb #503d730f
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, math, os, sys, time
+import argparse, contextlib, dataclasses, json, math, os, sys, time, warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import CachedRun, Run, cached_run, cpu_weights, seed_everything, get_device, config_dict, show_progress, parse_assignment
+from .core import (CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights,
+                                  seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads)
 from .data import GroupDataset, spurious_mnist, load_waterbirds, load_celeba, to_float, augment
 from .models import TRANSFORMER_ARCHS, build_model, load_weights, outputs_probabilities, weights_file
 
@@ -97,23 +98,21 @@ class ERMConfig:
     n_train:int|None=None           # spurious MNIST: cap on the training split (None = as many as the digits allow)
     n_eval_per_group:int|None=None  # spurious MNIST: val/test examples per group (None = as many as allowed)
     amp:str|None=None               # mixed precision for training only: 'bf16' | 'fp16' (CUDA) | None (fp32)
-    channels_last:bool=False        # train a convolutional model (and its inputs) in channels-last layout
+    channels_last:bool=False        # train a convolutional model (and its inputs) in channels-last layout, on CUDA (the CPU keeps the standard layout)
     keep_resume_state:bool=False    # a finished run keeps optimizer/scheduler state in `last` (else weights only)
 
     HASH_OMIT_DEFAULTS = ('amp', 'channels_last', 'keep_resume_state')   # at their defaults: the hash of before
 
-    def __post_init__(self):
-        _check('dataset', self.dataset, SYNTHETIC_DATASETS + REAL_DATASETS)
-        _check('preset', self.preset, TRAIN_PRESETS); _check('scale', self.scale, SCALES)
-        _check('init', self.init, ('scratch', 'imagenet'))
-        for k in ('epochs', 'batch_size', 'seed', 'plateau_patience'):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == 'seed' else 1):
-                raise ValueError(f'{k} must be a positive int, got {v!r}')
+    def __post_init__(self):   # every field's type (core.check_fields), then the ranges and choices
+        check_fields(self, dataset=SYNTHETIC_DATASETS + REAL_DATASETS, preset=TRAIN_PRESETS, scale=SCALES,
+                     init=('scratch', 'imagenet'), amp=AMP_MODES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0',
+                     weight_decay='>=0', plateau_factor='(0, 1)', plateau_patience='>=1', image_size='>=1',
+                     n_train='>=1', n_eval_per_group='>=1')
+        bad = [e for e in self.keep_epochs if not isinstance(e, (int, np.integer)) or isinstance(e, bool)]
+        if bad: raise TypeError(f'ERMConfig.keep_epochs must hold ints (epochs), got {bad}')
         self.keep_epochs = tuple(sorted(set(int(e) for e in self.keep_epochs)))
         bad = [e for e in self.keep_epochs if not 0 <= e <= self.epochs]
         if bad: raise ValueError(f'keep_epochs must lie in [0, epochs={self.epochs}], got {bad}')
-        _check('amp', self.amp, AMP_MODES)
         if self.channels_last and self.arch in TRANSFORMER_ARCHS:
             raise ValueError(f'channels_last is for convolutional models; {self.arch!r} is a transformer: set channels_last=False')
 
@@ -158,8 +157,8 @@ def erm_config(
     bad = set(overrides) - {f.name for f in dataclasses.fields(ERMConfig)}
     if bad: raise ValueError(f'unknown ERMConfig fields {sorted(bad)}: expected {[f.name for f in dataclasses.fields(ERMConfig)]}')
     kw.update(overrides)
-    if 'keep_epochs' not in overrides:   # the scale's kept epochs, within a shortened run
-        kw['keep_epochs'] = tuple(e for e in kw.get('keep_epochs', ()) if e <= kw['epochs'])
+    if 'keep_epochs' not in overrides and isinstance(kw['epochs'], (int, np.integer)) and not isinstance(kw['epochs'], bool):   # the scale's kept epochs, within a shortened run
+        kw['keep_epochs'] = tuple(e for e in kw.get('keep_epochs', ()) if e <= kw['epochs'])   # (a bad `epochs`: ERMConfig says so)
     return ERMConfig(**kw)
 
 # %% ../nbs/03_train.ipynb #5c27dafd
@@ -282,7 +281,7 @@ def train_epoch(model, opt, train:GroupDataset, cfg:ERMConfig, epoch:int, device
         if world > 1: idx, share = shard_batch(idx, rank, world)
         xb = to_float(train.x[idx].to(device, non_blocking=True), train.mean, train.std)
         if cfg.augment: xb = augment(xb, generator=gen)
-        if cfg.channels_last: xb = xb.contiguous(memory_format=torch.channels_last)
+        if cfg.channels_last and xb.is_cuda: xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast: out = model(xb)
         loss = F.cross_entropy(out.float(), train.y[idx].to(device))
         step_loss = loss if world == 1 else loss * (share * world)   # DDP averages over ranks -> the global batch mean
@@ -310,14 +309,18 @@ def train_erm(
     splits:dict|None=None, # preloaded splits (None -> `load_splits(cfg)`)
     device=None,
     indices=None,          # training examples making one epoch, repeats allowed (see `train_epoch`)
-)->dict:                   # JSON-able summary: best epoch, its metrics, last-epoch metrics
-    "Train (or resume) ERM for `cfg`, logging group metrics every epoch; under torchrun, on every rank with DDP."
+)->dict:                   # JSON-able summary: best epoch, its metrics, last-epoch metrics, torch threads
+    "Train (or resume) ERM for `cfg`, logging group metrics every epoch; under torchrun, on every rank with DDP. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
+    with training_threads(cfg) as threads:
+        return dict(_train_erm(cfg, run, splits, device, indices), torch_threads=threads)
+
+def _train_erm(cfg, run, splits, device, indices)->dict:
     run = run or Run(cfg, kind='erm'); device = init_distributed(device)
     rank, world = _dist_rank_world(); rank0 = rank == 0
     splits = splits or load_splits(cfg); train = splits['train']
     seed_everything(cfg.seed)
     net = make_model(cfg, train.n_classes, train.x.shape[1]).to(device)
-    if cfg.channels_last: net = net.to(memory_format=torch.channels_last)
+    if cfg.channels_last and device.type == 'cuda': net = net.to(memory_format=torch.channels_last)   # CPU: torch 2.14's channels-last weight gradient crashes with several threads
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
@@ -333,7 +336,7 @@ def train_erm(
         if 'optimizer' in st: opt.load_state_dict(st['optimizer']); sched.load_state_dict(st['scheduler'])
         if scaler is not None and 'scaler' in st: scaler.load_state_dict(st['scaler'])
         best = st['best']
-        if rank0: run.truncate_metrics(lambda r: r['epoch'] <= start)
+    if rank0: run.truncate_metrics(lambda r: r['epoch'] <= start)   # rows of epochs after `last` (logged, then a crash)
     model = net
     if world > 1: model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
     def log_epoch(epoch, train_loss, seconds):
@@ -341,7 +344,7 @@ def train_erm(
         row.update({s: group_metrics(predict_ranks(net, ds, device), ds, outputs_probabilities(net)) for s, ds in splits.items()})
         if rank0: run.log(**row)
         return row
-    first = start == 0 and not run.metrics()
+    first = rank0 and start == 0 and not run.metrics()
     if world > 1: first = _broadcast(first)             # rank 0 decides: every rank must join the evaluation
     with autotune_kernels(cfg, device):
         if first: log_epoch(0, float('nan'), 0.0)
@@ -479,7 +482,7 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--dataset', help='waterbirds | celeba at paper scale (default waterbirds); waterbirds_like | celeba_like otherwise')
     ap.add_argument('--scale', default='paper', choices=SCALES)
     ap.add_argument('--preset', default='paper', choices=TRAIN_PRESETS)
-    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--seed', type=int, default=0, help='a non-negative int')
     ap.add_argument('--arch', help='override the scale\'s architecture (e.g. vit_s16)')
     ap.add_argument('--epochs', type=int); ap.add_argument('--batch-size', type=int, help='the global batch, split over the ranks')
     ap.add_argument('--amp', choices=('bf16', 'fp16'), help='mixed precision for training (evaluation stays fp32)')
@@ -491,24 +494,31 @@ def main(argv:list|None=None)->int:
     over = {k: v for k, v in (('arch', a.arch), ('epochs', a.epochs), ('batch_size', a.batch_size), ('amp', a.amp)) if v is not None}
     if a.keep_resume_state: over['keep_resume_state'] = True
     dataset = a.dataset or ('waterbirds' if a.scale == 'paper' else 'waterbirds_like')
-    try:
+    try:                                   # everything is checked before any run folder is made or read
         over.update(_field_value(t) for t in a.set)
-        cfg = erm_config(dataset, a.scale, a.preset, a.seed, **over)
+        cfg = ecfg = erm_config(dataset, a.scale, a.preset, a.seed, **over)
         if a.jtt_set and a.method != 'jtt': raise ValueError('--jtt-set needs --method jtt')
         if a.method == 'jtt':
             from silent_majority.finetune import cached_jtt, jtt_config    # finetune builds on this module
             jtt = dict(parse_assignment(t, '--jtt-set FIELD=VALUE') for t in a.jtt_set)
             cfg = jtt_config(dataset, a.scale, a.preset, a.seed, erm_overrides=over, **jtt)
+        try: dev = get_device(a.device)
+        except RuntimeError as e: raise ValueError(f'{e}: pass --device cpu, or run where torch sees a GPU') from None
+        amp_context(ecfg.amp, dev)         # fp16 needs CUDA
     except (ValueError, TypeError) as e:
         print(f'sm-train: {e}', file=sys.stderr); return 2
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
-        erm = cached_jtt(cfg, device=a.device) if a.method == 'jtt' else cached_erm(cfg, device=a.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter('always', DamagedRunWarning)     # every damaged run is reported on stderr
+            erm = cached_jtt(cfg, device=a.device) if a.method == 'jtt' else cached_erm(cfg, device=a.device)
         if dist_env()[0] == 0:
             res = erm.result
             print(json.dumps(dict(method=a.method, run=str(erm.run.dir), world_size=dist_env()[1], best_epoch=res['best_epoch'],
                                   val_wga=res['best']['val']['wga'], test_wga=res['best']['test']['wga'],
-                                  **{k: res[k] for k in ('error_set_size',) if k in res})))
+                                  **{k: res[k] for k in ('error_set_size', 'torch_threads') if k in res})))
+    except CacheWriteError as e:
+        print(f'sm-train: {e}', file=sys.stderr); return 2
     finally:
         if started_here and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
     return 0

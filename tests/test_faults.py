@@ -3,7 +3,7 @@ or carrying pickled objects is refused, and a damaged cache entry is reported an
 import json, warnings
 import pytest
 import torch
-from silent_majority.core import CorruptFileError, UnsafeFileError, load_torch
+from silent_majority.core import CorruptFileError, UnsafeFileError, load_torch, record_sha256
 from silent_majority.data import spurious_mnist, spuco_mnist
 from silent_majority.models import small_resnet, tiny_cnn
 from silent_majority.neurons import candidate_layers, gradient_samples, modify
@@ -63,6 +63,9 @@ def test_checkpoint_carrying_pickled_objects_is_refused(trained):
     path = trained.run.ckpt_path('best')
     torch.save({'weights': trained.model('best').state_dict(), 'extra': Payload()}, path)
     path.with_name('best.pt.sha256').unlink()
+    with pytest.raises(CorruptFileError, match='no recorded SHA-256'):      # a run's file without its digest
+        trained.model('best')
+    record_sha256(path)                                  # even with a matching digest, pickled objects are refused
     with pytest.raises(UnsafeFileError, match='refusing to load it'):
         trained.model('best')
 
