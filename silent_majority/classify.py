@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
-from .core import (CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress,
+from .core import (CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, numerics_record,
                                   training_threads)
 from .data import GroupDataset, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
 from .models import LeNet, lenet, load_weights
@@ -285,7 +285,7 @@ def _scalars(m:dict)->dict: return {k: v for k, v in m.items() if not isinstance
 
 def _train_course(cfg:CourseConfig, run:Run, device=None)->dict:
     with training_threads(cfg) as threads:            # the stored test metrics too: they sum floats
-        return dict(_fit_course(cfg, run, device), torch_threads=threads)
+        return dict(_fit_course(cfg, run, device), torch_threads=threads, numerics=numerics_record())
 
 def _fit_course(cfg:CourseConfig, run:Run, device=None)->dict:
     splits = course_splits(cfg); tr = splits['train']; seed_everything(cfg.seed)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
-from .core import CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads
+from .core import CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads, numerics_record
 from .data import GroupDataset, SPLITS, mnist_digits, colorize, to_float, augment
 from .classify import embeddings, linear_probe
 from .models import load_weights
@@ -265,7 +265,7 @@ def _new_net(cfg:ContrastiveConfig, in_ch:int=3)->SupConNet:
 
 def _fit(cfg:ContrastiveConfig, run:Run, train:GroupDataset, device)->dict:
     with training_threads(cfg) as threads:
-        return dict(_fit_epochs(cfg, run, train, device), torch_threads=threads)
+        return dict(_fit_epochs(cfg, run, train, device), torch_threads=threads, numerics=numerics_record())
 
 def _fit_epochs(cfg:ContrastiveConfig, run:Run, train:GroupDataset, device)->dict:
     run.truncate_metrics(lambda r: False)       # it starts from scratch: rows of an interrupted attempt go

@@ -16,8 +16,8 @@ check_numerics()                    # warns when torch computed before the packa
 __all__ = ['TRAINING_THREADS', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'seed_everything', 'get_device', 'full_fp32',
            'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write', 'CorruptFileError', 'UnsafeFileError',
            'file_sha256', 'save_torch', 'record_sha256', 'check_file', 'load_torch', 'to_json', 'config_dict',
-           'config_hash', 'check_fields', 'DamagedRunWarning', 'CacheWriteError', 'numerics_key', 'Run', 'CachedRun',
-           'show_progress', 'cpu_weights', 'parse_assignment', 'cached_run']
+           'config_hash', 'check_fields', 'DamagedRunWarning', 'CacheWriteError', 'numerics_record', 'numerics_key',
+           'Run', 'CachedRun', 'show_progress', 'cpu_weights', 'parse_assignment', 'cached_run']
 
 # %% ../nbs/00_core.ipynb #921721c1
 def repo_root()->Path: # the folder holding `settings.ini`, else the working directory
@@ -276,6 +276,10 @@ def _write_recorded(path:Path, text:str)->None:
     "Write `text` to `path` atomically and record its SHA-256 (no stale digest survives a crash in between)."
     _digest_path(path).unlink(missing_ok=True); atomic_write(path, text); record_sha256(path)
 
+def numerics_record()->dict:
+    "The numerics mode and torch's CPU capability of this process, for a trained run's result (beside `torch_threads`)."
+    st = numerics_state(); return dict(mode=st['mode'], cpu_capability=st['cpu_capability'])
+
 def numerics_key(config:dict)->dict: # a run's config as `config_dict` gives it
     "The config a run is filed under: at smoke and cpu scale, a numerics mode other than the default joins it, so runs computed in different modes never stand in for each other."
     mode = numerics_mode()
@@ -344,7 +348,6 @@ class Run:
     def done(self)->bool: return (self.dir/'done.json').exists()
     def finish(self, result:dict)->dict:
         "Mark the run finished with a JSON-able result, its SHA-256 recorded beside it."
-        result = {**result, 'numerics': {k: v for k, v in numerics_state().items() if k != 'in_effect'}}
         text = to_json(result, indent=1); _write_recorded(self.dir/'done.json', text); return json.loads(text)
     def result(self)->dict:
         "The stored result, checked against its recorded SHA-256; a damaged, unrecorded or unreadable `done.json` raises `CorruptFileError`."

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, training_threads
+from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, training_threads, numerics_record
 from .data import GroupDataset, augment, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, load_weights, outputs_probabilities
 from .neurons import CANDIDATE_SETS, candidate_layers, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
@@ -260,7 +260,7 @@ def initial_models(cfg:FinetuneConfig, erm:ERMRun, device)->tuple: # model, head
 def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
     "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
     with training_threads(cfg) as threads:
-        return dict(_finetune(cfg, run, device), torch_threads=threads)
+        return dict(_finetune(cfg, run, device), torch_threads=threads, numerics=numerics_record())
 
 def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:
     run = run or Run(cfg, kind='finetune'); device = get_device(device)

@@ -71,11 +71,10 @@ class TracingEngine:
         device=None,
         batch_size:int|None=None,  # eval batch (None: 256 on the CPU, 1024 on a GPU); eval-mode BN makes results independent of it
         dataset:str='',            # name written into result tables
-        channels_last:bool|None=None, # conv weights channels-last for the forward passes (None: on CUDA only; gradients always use the standard layout)
+        channels_last:bool=True,   # conv weights channels-last for the forward passes (gradients always use the standard layout)
         threads:int|None=None,     # torch threads for gradient scores, whose sums depend on the count (None: the caller's)
     ):
         self.device = get_device(device); self.model = model.eval().to(self.device)
-        if channels_last is None: channels_last = self.device.type == 'cuda'
         if channels_last: self.model.to(memory_format=torch.channels_last)
         batch_size = batch_size or (256 if self.device.type == 'cpu' else 1024)
         self.splits, self.rule, self.batch_size, self.dataset, self.threads = splits, rule, batch_size, dataset, threads

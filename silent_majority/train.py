@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import (CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights,
+from .core import (CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights, numerics_record,
                                   seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads)
 from .data import GroupDataset, spurious_mnist, load_waterbirds, load_celeba, to_float, augment
 from .models import TRANSFORMER_ARCHS, build_model, load_weights, outputs_probabilities, weights_file
@@ -312,7 +312,7 @@ def train_erm(
 )->dict:                   # JSON-able summary: best epoch, its metrics, last-epoch metrics, torch threads
     "Train (or resume) ERM for `cfg`, logging group metrics every epoch; under torchrun, on every rank with DDP. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
     with training_threads(cfg) as threads:
-        return dict(_train_erm(cfg, run, splits, device, indices), torch_threads=threads)
+        return dict(_train_erm(cfg, run, splits, device, indices), torch_threads=threads, numerics=numerics_record())
 
 def _train_erm(cfg, run, splits, device, indices)->dict:
     run = run or Run(cfg, kind='erm'); device = init_distributed(device)
