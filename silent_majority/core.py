@@ -270,7 +270,10 @@ class DamagedRunWarning(UserWarning):
     "A cached run has files that are altered, truncated or without a recorded SHA-256: they are not loaded, and the run is computed again."
 
 class CacheWriteError(OSError):
-    "The run cache cannot be written (a read-only or foreign folder, a full disk)."
+    "A folder the project writes to (the run cache, the figures) cannot be created or written (a read-only or foreign folder, a path under a file, a full disk)."
+
+def _cache_write_error(root, e:OSError)->CacheWriteError:
+    return CacheWriteError(f'cannot write the run cache at {root}: {(e.strerror or str(e)).lower()}')
 
 def _write_recorded(path:Path, text:str)->None:
     "Write `text` to `path` atomically and record its SHA-256 (no stale digest survives a crash in between)."
@@ -293,7 +296,7 @@ class Run:
         root = Path(root or cache_dir()/'runs'); self.dir = root/f'{kind}-{self.hash}'
         cfg_path = self.dir/'config.json'; stored = None
         try: self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e: raise CacheWriteError(f'cannot write the run cache at {root}: {(e.strerror or str(e)).lower()}') from e
+        except OSError as e: raise _cache_write_error(root, e) from e
         if cfg_path.exists():
             try: stored = json.loads(cfg_path.read_text())
             except json.JSONDecodeError: stored = None
@@ -301,7 +304,7 @@ class Run:
                 raise RuntimeError(f'{cfg_path} holds another config with the same hash: remove {self.dir}')
         if stored is None:
             try: atomic_write(cfg_path, json.dumps(self.config, indent=1, sort_keys=True))
-            except OSError as e: raise CacheWriteError(f'cannot write the run cache at {root}: {(e.strerror or str(e)).lower()}') from e
+            except OSError as e: raise _cache_write_error(root, e) from e
 
     def __repr__(self): return f'Run({self.dir})'
     @property

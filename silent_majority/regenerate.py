@@ -8,14 +8,14 @@ import argparse, ast, concurrent.futures as cf, json, multiprocessing as mp, os,
 from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
-from .core import atomic_write, cache_dir, figures_dir, parse_assignment, repo_root
+from .core import CacheWriteError, atomic_write, cache_dir, figures_dir, parse_assignment, repo_root
 
 # %% auto #0
 __all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'FINDING_KEYS', 'GALLERY_SECTIONS',
            'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell', 'parameter_types', 'check_parameters',
-           'default_out_dir', 'NotWritableError', 'check_writable', 'kernel_warnings', 'last_cell_ran', 'run_notebook',
-           'kernel_threads', 'regenerate', 'format_table', 'SidecarWarning', 'read_sidecars', 'findings',
-           'results_table', 'update_block', 'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
+           'default_out_dir', 'check_writable', 'kernel_warnings', 'last_cell_ran', 'run_notebook', 'kernel_threads',
+           'regenerate', 'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table', 'update_block',
+           'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
 
 # %% ../nbs/10_regenerate.ipynb #390fa9f4
 FIGURE_FOLDERS = ('paper', 'course')
@@ -72,14 +72,11 @@ def default_out_dir(scale:str)->Path:
     return figures_dir() if scale == 'cpu' else figures_dir()/scale
 
 # %% ../nbs/10_regenerate.ipynb #102017ab
-class NotWritableError(OSError):
-    "A folder that cannot be created or written to."
-
 def check_writable(
     folder:str|Path,   # a folder the run will write to (created if missing)
     what:str='files',  # what goes there, for the message: 'figures', 'the run cache', ...
 )->Path:               # `folder`
-    "`folder`, created if need be, once a probe file could be written into it and removed; else a `NotWritableError` saying why."
+    "`folder`, created if need be, once a probe file could be written into it and removed; else a `core.CacheWriteError` saying why."
     folder = Path(folder)
     try:
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
@@ -91,7 +88,7 @@ def check_writable(
     except OSError as e:
         where = Path(e.filename) if e.filename else None
         reason = (e.strerror or str(e)) + (f' ({where})' if where and where != folder and folder.is_relative_to(where) else '')
-    raise NotWritableError(f'cannot write {what} to {folder}: {reason}')
+    raise CacheWriteError(f'cannot write {what} to {folder}: {reason}')
 
 WARNING_LINE = re.compile(r'^(?P<where>\S.*?:\d+): (?P<category>[A-Za-z_][\w.]*Warning): (?P<message>.*\S)')
 KERNEL_NOISE = ('Kernel is running over TCP without encryption',)  # printed by every kernel, says nothing about the run
@@ -424,7 +421,7 @@ def main(argv:list|None=None)->int:
         params = dict(_literal_param(p) for p in a.param)
         if a.seed is not None: params['seed'] = a.seed
         results = regenerate(a.scale, a.only, a.workers, a.out_dir, params or None, a.nbs)
-    except (ValueError, TypeError, NotWritableError) as e: return _refuse(str(e))
+    except (ValueError, TypeError, CacheWriteError) as e: return _refuse(str(e))
     print(format_table(results))
     fig_dir = Path(a.out_dir) if a.out_dir else default_out_dir(a.scale)
     print(f'gallery: {write_gallery(fig_dir, a.nbs)}')
