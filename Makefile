@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 SCALE ?= cpu
 WORKERS ?= 2
 
-.PHONY: setup figures smoke test bench export clean-cache
+.PHONY: setup figures smoke test bench gpu-check export clean-cache
 
 # (Re)install when the package metadata changes. torch/torchvision are pinned in settings.ini.
 $(VENV)/.installed: settings.ini setup.py pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,cluster]"
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -35,6 +35,11 @@ test: setup
 ## Speed benchmarks (ratios measured in one process; not a test): writes figures/bench_*.json.
 bench: setup
 	$(BIN)/sm-bench --scale $(SCALE)
+
+## On a machine with CUDA: the paper-scale paths on the GPU in a few minutes (writes figures/bench_gpu.json).
+## Without CUDA it says so and exits 0.
+gpu-check: setup
+	$(BIN)/sm-gpu-check
 
 ## Export the package from the notebooks and strip notebook outputs (run before committing).
 export: setup

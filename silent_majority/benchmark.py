@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_benchmark.ipynb #23736061
 from __future__ import annotations
-import argparse, copy, dataclasses, json, os, statistics, tempfile, time
+import argparse, contextlib, copy, dataclasses, json, os, statistics, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ from .plots import package_versions, git_state
 from .numerics import NUMERICS_MODES, NUMERICS_VARS
 
 # %% auto #0
-__all__ = ['EXPLORER_STEPS', 'NUMERICS_CAPPED', 'NaiveFiles', 'naive_group_acc', 'naive_gradient_samples', 'naive_suite',
-           'bench_tracing', 'bench_finetune', 'bench_explorer', 'bench_numerics', 'main']
+__all__ = ['EXPLORER_STEPS', 'NUMERICS_CAPPED', 'BENCH_FIGURES', 'NaiveFiles', 'naive_group_acc', 'naive_gradient_samples',
+           'naive_suite', 'bench_tracing', 'bench_finetune', 'bench_explorer', 'bench_numerics', 'bench_regenerate',
+           'main']
 
 # %% ../nbs/11_benchmark.ipynb #0f84b7bc
 class NaiveFiles(torch.utils.data.Dataset):
@@ -232,14 +233,70 @@ def bench_numerics(scale:str='cpu', dataset:str='waterbirds_like', epochs:int=2,
                 settings=dict(scale=scale, dataset=dataset, epochs=epochs, repeats=repeats, threads=1, modes=NUMERICS_MODES),
                 git=git_state(), versions=package_versions())
 
+# %% ../nbs/11_benchmark.ipynb #683db5b8
+BENCH_FIGURES = ('fig1_group_gap', 'fig10_gradcam', 'tab11_celeba', 'c1_spuco_jtt', 'c3_contrastive')
+
+@contextlib.contextmanager
+def _own_cache(folder:Path):
+    old = os.environ.get('SM_CACHE'); os.environ['SM_CACHE'] = str(folder)
+    try: yield folder
+    finally:
+        if old is None: os.environ.pop('SM_CACHE', None)
+        else: os.environ['SM_CACHE'] = old
+
+def bench_regenerate(
+    scale:str='cpu',
+    figures=BENCH_FIGURES,   # figure ids regenerated (a subset of the catalogue, see above)
+    workers:int=2,           # worker processes of both paths
+    more_workers:int=4,      # step 4: the training phase with more workers asked for
+    seed:int=0,
+)->dict:
+    "Time today's serial regeneration against training first in parallel, and the training phase's schedule, each from an empty run cache."
+    from silent_majority.regenerate import regenerate, train_planned
+    from silent_majority.cluster import usable_cores
+    figures, params = list(figures), {'seed': seed}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp); steps = {}
+        def run(name, fn):
+            with _own_cache(tmp/name/'cache'):
+                t0 = time.perf_counter(); out = fn(tmp/name); steps[name] = time.perf_counter() - t0; return out
+        def figs(pretrain, training=None):
+            def fn(d):
+                res = regenerate(scale, figures, workers, d/'figures', params, executed_dir=d/'executed', pretrain=pretrain, training=training)
+                bad = [r['id'] for r in res if r['status'] != 'ok']
+                if bad: raise RuntimeError(f'bench_regenerate: {bad} failed; see the executed notebooks under {d}')
+                return res
+            return fn
+        serial = run('serial', figs(False))
+        training = {}; new = run('new', figs(True, training))
+        single = run('single', lambda d: train_planned(scale, figures, params, 1))
+        more = run('more', lambda d: train_planned(scale, figures, params, more_workers))
+        same = {f: (tmp/'serial'/'figures'/f'{f}.csv').read_bytes() == (tmp/'new'/'figures'/f'{f}.csv').read_bytes() for f in figures}
+    run_seconds = {r['run']: r['seconds'] for r in single['records']}
+    total = sum(run_seconds.values())
+    return dict(
+        schedule_efficiency=total / workers / training['seconds'], regenerate_speedup=steps['serial'] / steps['new'],
+        more_workers_over_workers=more['seconds'] / training['seconds'],
+        serial_wall_seconds=steps['serial'], new_wall_seconds=steps['new'], training_phase_seconds=training['seconds'],
+        notebook_phase_seconds=steps['new'] - training['seconds'], single_process_training_seconds=single['seconds'],
+        sum_of_run_seconds=total, run_seconds=run_seconds, parallel_run_seconds={r['run']: r['seconds'] for r in training['records']},
+        more_workers_training_seconds=more['seconds'], csv_identical=same,
+        notebook_seconds={'serial': {r['id']: r['seconds'] for r in serial}, 'new': {r['id']: r['seconds'] for r in new}},
+        settings=dict(scale=scale, figures=figures, seed=seed, workers=workers, processes=training['processes'],
+                      more_workers=more_workers, more_workers_processes=more['processes'], cores=os.cpu_count(), usable_cores=usable_cores(),
+                      runs=training['planned'], torch_threads_per_run=1 if scale in ('smoke', 'cpu') else None),
+        git=git_state(), versions=package_versions())
+
 # %% ../nbs/11_benchmark.ipynb #c8bf4378
 def main(argv:list|None=None)->int:
-    "`sm-bench [--scale S] [--only tracing finetune explorer numerics]`: write figures/bench_{tracing,finetune,explorer,numerics}.json."
+    "`sm-bench [--scale S] [--only tracing finetune explorer numerics regenerate]`: write figures/bench_{tracing,finetune,explorer,numerics,regenerate}.json."
     ap = argparse.ArgumentParser(prog='sm-bench', description='Benchmark the Stage I engine, Stage II fine-tuning and the explorer.')
     ap.add_argument('--scale', default='cpu', choices=('smoke', 'cpu', 'paper'))
     ap.add_argument('--dataset', default='waterbirds_like'); ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--only', nargs='+', choices=('tracing', 'finetune', 'explorer', 'numerics'),
-                    default=['tracing', 'finetune', 'explorer', 'numerics'])
+    ap.add_argument('--only', nargs='+', choices=('tracing', 'finetune', 'explorer', 'numerics', 'regenerate'),
+                    default=['tracing', 'finetune', 'explorer', 'numerics', 'regenerate'])
+    ap.add_argument('--workers', type=int, default=2, help='regenerate: worker processes (default 2)')
+    ap.add_argument('--figures', nargs='+', default=list(BENCH_FIGURES), help='regenerate: the figures regenerated (default: a subset)')
     ap.add_argument('--out-dir', help='where the JSON files go (default figures/)')
     a = ap.parse_args(argv); out_dir = Path(a.out_dir) if a.out_dir else figures_dir()
     if 'tracing' in a.only:
@@ -264,4 +321,10 @@ def main(argv:list|None=None)->int:
         atomic_write(out, to_json(res, indent=1))
         print('numerics: ' + ', '.join(f"{m} {r:.2f}x" for m, r in res['over_native'].items()) + ' of native training time; capped '
               'machines give the same weights: ' + ', '.join(f"{n} {c['same_as_mode']}" for n, c in res['capped'].items()) + f' -> {out}')
+    if 'regenerate' in a.only:
+        res = bench_regenerate(a.scale, a.figures, a.workers, seed=a.seed); out = out_dir/'bench_regenerate.json'
+        atomic_write(out, to_json(res, indent=1))
+        print(f"regenerate: schedule_efficiency {res['schedule_efficiency']:.2f} (target >= 0.85), regenerate_speedup "
+              f"{res['regenerate_speedup']:.2f}x, {res['settings']['more_workers']} workers asked over {a.workers}: "
+              f"{res['more_workers_over_workers']:.2f} of the time, CSVs identical: {all(res['csv_identical'].values())} -> {out}")
     return 0

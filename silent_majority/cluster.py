@@ -4,41 +4,50 @@
 
 # %% ../nbs/13_cluster.ipynb #4586a714
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, os, platform, secrets, shutil, socket, sys, time, warnings
+import argparse, concurrent.futures as cf, contextlib, dataclasses, json, multiprocessing as mp, os, platform, secrets, shutil, socket, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 import silent_majority
-from .core import atomic_write, cache_dir, config_dict, config_hash, show_progress, training_threads
+from .core import atomic_write, cache_dir, config_dict, run_name, show_progress, training_threads
 from .train import ERMConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm, erm_config
 from .finetune import (FinetuneConfig, JTTConfig, MASK_CRITERIA, cached_finetune, cached_jtt, erm_of,
                        finetune_config, jtt_config, jtt_same_budget)
+from .classify import CourseConfig, course_model
+from .contrastive import ContrastiveConfig, train_contrastive
 
 # %% auto #0
-__all__ = ['RUNNERS', 'KINDS', 'BACKENDS', 'CLUSTER_EXTRA', 'Task', 'as_task', 'schedule', 'WorkerSetupError', 'versions',
+__all__ = ['RUNNERS', 'KINDS', 'SWEEP_KINDS', 'COST_PER_EPOCH', 'BACKENDS', 'CLUSTER_EXTRA', 'Task', 'as_task', 'schedule',
+           'task_cost', 'priorities', 'usable_cores', 'local_processes', 'WorkerSetupError', 'versions',
            'client_marker', 'remove_marker', 'check_worker', 'run_task', 'SweepError', 'run_tasks', 'parse_seeds',
            'default_datasets', 'sweep_tasks', 'task_table']
 
 # %% ../nbs/13_cluster.ipynb #a010515e
-RUNNERS = {'erm': (ERMConfig, cached_erm), 'finetune': (FinetuneConfig, cached_finetune), 'jtt': (JTTConfig, cached_jtt)}
+RUNNERS = {'erm': (ERMConfig, cached_erm), 'finetune': (FinetuneConfig, cached_finetune), 'jtt': (JTTConfig, cached_jtt),
+           'course-erm': (CourseConfig, course_model), 'course-jtt': (CourseConfig, course_model),
+           'contrastive': (ContrastiveConfig, train_contrastive)}   # kind -> (config class, function that trains or loads it)
 KINDS = tuple(RUNNERS)
+SWEEP_KINDS = ('erm', 'finetune', 'jtt')   # the paper's runs, which `sm-sweep` produces over many seeds
 
 @dataclass
 class Task:
     "One trained run to produce: its kind and its config."
-    kind:str        # 'erm' | 'finetune' | 'jtt'
-    config:object   # `train.ERMConfig`, `finetune.FinetuneConfig` or `finetune.JTTConfig`
+    kind:str        # one of `KINDS`: 'erm' | 'finetune' | 'jtt' | 'course-erm' | 'course-jtt' | 'contrastive'
+    config:object   # its config: `ERMConfig`, `FinetuneConfig`, `JTTConfig`, `CourseConfig` or `ContrastiveConfig`
 
     def __post_init__(self):
         if self.kind not in RUNNERS: raise ValueError(f'unknown task kind {self.kind!r}: expected one of {list(KINDS)}')
         cls = RUNNERS[self.kind][0]
         if not isinstance(self.config, cls):
             raise TypeError(f'a task of kind {self.kind!r} needs a {cls.__name__} config, got {type(self.config).__name__}')
+        if cls is CourseConfig and self.kind != f'course-{self.config.method}':
+            raise ValueError(f"a task of kind {self.kind!r} needs a CourseConfig with method {self.kind[7:]!r}, "
+                             f"got method {self.config.method!r} (kind 'course-{self.config.method}')")
 
     @property
-    def name(self)->str: return f'{self.kind}-{config_hash(self.config)}'   # the run folder under cache_dir()/'runs'
+    def name(self)->str: return run_name(self.kind, self.config)   # the run folder under cache_dir()/'runs'
     def __repr__(self): return f'Task({self.name})'
 
     def to_dict(self)->dict:
@@ -60,18 +69,19 @@ class Task:
         return cls(d['kind'], ccls(**d['config']))
 
     def needs(self)->Task|None:
-        "The ERM task this one starts from (None for an ERM task)."
-        return None if self.kind == 'erm' else Task('erm', erm_of(self.config))
+        "The ERM task this one starts from (a fine-tuning's or JTT's); None for the others."
+        return Task('erm', erm_of(self.config)) if self.kind in ('finetune', 'jtt') else None
 
 def as_task(t)->Task: # a Task, a (kind, config) pair, a `Task.to_dict()` dict, or a bare config
     "Turn any of the usual ways of naming a run into a `Task`."
     if isinstance(t, Task): return t
     if isinstance(t, dict): return Task.from_dict(t)
     if isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str): return Task(*t)
+    if isinstance(t, CourseConfig): return Task(f'course-{t.method}', t)
     for kind, (ccls, _) in RUNNERS.items():
         if isinstance(t, ccls): return Task(kind, t)
     raise TypeError(f'cannot make a task of a {type(t).__name__}: expected a Task, a (kind, config) pair, a task dict, '
-                    f'or an ERMConfig, FinetuneConfig or JTTConfig')
+                    f'or a config ({", ".join(sorted({c.__name__ for c, _ in RUNNERS.values()}))})')
 
 # %% ../nbs/13_cluster.ipynb #518d059c
 def schedule(tasks)->list[Task]: # anything `as_task` accepts
@@ -82,6 +92,27 @@ def schedule(tasks)->list[Task]: # anything `as_task` accepts
             if u is None or u.name in seen: continue
             seen.add(u.name); (erm if u.kind == 'erm' else rest).append(u)
     return erm + rest
+
+COST_PER_EPOCH = {'erm': 1.0, 'jtt': 1.8, 'finetune': 1.8, 'contrastive': 1.7, 'course-erm': 0.25, 'course-jtt': 0.45}
+
+def task_cost(task)->float: # in ERM epochs
+    "A rough training cost, for ordering only: the task's epochs times its kind's cost of an epoch over an ERM epoch's (measured at cpu scale on one thread)."
+    t = as_task(task); return COST_PER_EPOCH[t.kind] * t.config.epochs
+
+def priorities(tasks)->dict: # run name -> priority (higher starts first)
+    "Each scheduled task's cost plus that of the longest task waiting on it: the longest chains start first, so no worker waits at the end for an ERM run."
+    todo = schedule(tasks); waiting = {}
+    for t in todo:
+        if (d := t.needs()) is not None: waiting[d.name] = max(waiting.get(d.name, 0.0), task_cost(t))
+    return {t.name: task_cost(t) + waiting.get(t.name, 0.0) for t in todo}
+
+def usable_cores()->int:
+    "The cores this process may run on (its CPU affinity, which container limits and `taskset` narrow), else the machine's count."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+def local_processes(workers:int|None, n_tasks:int, cores:int|None=None)->int: # cores: None -> `usable_cores()`
+    "Worker processes the local backend starts: `workers`, at most one per core (each trains on one thread at smoke and cpu scale) and one per task; 1 means this process."
+    return max(1, min(workers or 1, cores or usable_cores(), n_tasks))
 
 # %% ../nbs/13_cluster.ipynb #85dca60d
 class WorkerSetupError(RuntimeError):
@@ -155,23 +186,55 @@ def _import_dask():
                           f"(the cluster extra, dask[distributed]), on the client and on every worker") from e
     return dask, Client, LocalCluster, as_completed
 
-def _run_local(todo, device, progress):
+def _warn_one_gpu(workers:int, where:str):
+    if workers > 1 and torch.cuda.is_available() and os.environ.get('SM_DEVICE', 'cuda').startswith('cuda'):
+        warnings.warn(f'{workers} {where} would all train on the same GPU: start one worker per GPU instead '
+                      f'(see the notes of silent_majority.cluster)', stacklevel=4)
+
+def _blocked(t:Task, errors:dict)->Exception|None:
+    dep = t.needs()
+    return RuntimeError(f'not run: its ERM run {dep.name} failed') if dep is not None and dep.name in errors else None
+
+def _run_serial(todo, device, bar):
     done, errors = {}, {}
-    for t in tqdm(todo, desc='tasks', disable=not progress):
-        dep = t.needs()
-        if dep is not None and dep.name in errors:
-            errors[t.name] = RuntimeError(f'not run: its ERM run {dep.name} failed'); continue
-        try: done[t.name] = run_task(t, device=device)
+    for t in todo:
+        try:
+            if (e := _blocked(t, errors)) is not None: raise e
+            done[t.name] = run_task(t, device=device)
         except Exception as e: errors[t.name] = e
+        bar.update(1)
     return done, errors
 
-def _run_dask(todo, address, workers, device, progress):
+def _quiet_worker(): os.environ['SM_PROGRESS'] = '0'   # the client's bar counts runs; the workers draw none
+
+def _run_pool(todo, workers, device, bar, prio):
+    "Local worker processes: a task starts when its ERM run is done, the highest priority first, at most `workers` at once."
+    done, errors, running = {}, {}, {}
+    waiting = sorted(todo, key=lambda t: -prio[t.name])        # stable: ties keep the schedule's order
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'), initializer=_quiet_worker) as ex:
+        while waiting or running:
+            for t in list(waiting):
+                if len(running) >= workers: break
+                dep = t.needs()
+                if (e := _blocked(t, errors)) is None and dep is not None and dep.name not in done: continue  # its ERM run is not finished
+                waiting.remove(t)
+                if e is not None: errors[t.name] = e; bar.update(1); continue
+                try: running[ex.submit(_execute, t.to_dict(), None, device)] = t
+                except RuntimeError as e: errors[t.name] = e; bar.update(1)   # the pool broke (a worker died)
+            if not running: continue
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                t = running.pop(f)
+                try: done[t.name] = f.result()
+                except Exception as e: errors[t.name] = e
+                bar.update(1); bar.set_postfix_str(f"{t.name} {'failed' if t.name in errors else 'done'}")
+    return done, errors
+
+def _run_dask(todo, address, workers, device, bar, prio):
     dask, Client, LocalCluster, as_completed = _import_dask()
     with contextlib.ExitStack() as stack:
         if address is None:
-            if workers and workers > 1 and torch.cuda.is_available() and os.environ.get('SM_DEVICE', 'cuda').startswith('cuda'):
-                warnings.warn(f'{workers} local workers would all train on the same GPU: start one worker per GPU instead '
-                              f'(see the notes of silent_majority.cluster)', stacklevel=3)
+            _warn_one_gpu(workers or 1, 'local Dask workers')
             with dask.config.set({'distributed.worker.daemon': False}):   # a task may start processes of its own
                 cluster = stack.enter_context(LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
                                                            memory_limit=0, dashboard_address=None))
@@ -184,34 +247,40 @@ def _run_dask(todo, address, workers, device, progress):
         for t in todo:
             dep = t.needs()
             after = [futures[dep.name]] if dep is not None else []
-            futures[t.name] = client.submit(_execute, t.to_dict(), marker, device, *after,
+            futures[t.name] = client.submit(_execute, t.to_dict(), marker, device, *after, priority=prio[t.name],
                                             key=f'{t.name}-{marker["token"]}', pure=False)
         names = {f.key: n for n, f in futures.items()}
         done, errors = {}, {}
-        for f in tqdm(as_completed(list(futures.values()), loop=client.loop), total=len(futures), desc='tasks', disable=not progress):
+        for f in as_completed(list(futures.values()), loop=client.loop):
             try: done[names[f.key]] = f.result()
             except Exception as e: errors[names[f.key]] = e
+            bar.update(1)
         return done, errors
 
 def run_tasks(
     tasks,                     # anything `as_task` accepts, e.g. [('erm', cfg), ...]
-    backend:str='local',       # 'local' (this process) | 'dask'
+    backend:str='local',       # 'local' (this machine) | 'dask'
     address:str|None=None,     # dask: scheduler address or scheduler file; None = a LocalCluster here
-    workers:int|None=None,     # dask: LocalCluster size, or workers to wait for at `address`
+    workers:int|None=None,     # local: worker processes (None or 1: in this process, in order); dask: LocalCluster size, or workers to wait for at `address`
     progress:bool|None=None,   # None: unless SM_PROGRESS=0
     device=None,               # passed to the training functions (None: each worker's default)
+    desc:str='runs',           # the progress bar's label
 )->list[dict]:                 # one record per task given (see `run_task`)
-    "Produce the runs of `tasks` (and the ERM runs they start from), here or on a Dask cluster sharing the run cache."
+    "Produce the runs of `tasks` (and the ERM runs they start from): here, in local worker processes, or on a Dask cluster sharing the run cache."
     if backend == 'ray':
         raise ValueError("backend 'ray' is not offered: expected 'local' or 'dask' (Dask covers the same clusters; "
                          "see the notes of silent_majority.cluster)")
     if backend not in BACKENDS: raise ValueError(f'unknown backend {backend!r}: expected one of {list(BACKENDS)}')
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f'workers must be a positive int, got {workers!r}')
-    if backend == 'local' and (address is not None or workers is not None):
-        raise ValueError("address and workers apply to the 'dask' backend; the 'local' backend runs here, in order")
-    given = [as_task(t) for t in tasks]; todo = schedule(given); progress = show_progress(progress)
-    done, errors = _run_local(todo, device, progress) if backend == 'local' else _run_dask(todo, address, workers, device, progress)
+    if backend == 'local' and address is not None:
+        raise ValueError("address applies to the 'dask' backend; the 'local' backend runs on this machine")
+    given = [as_task(t) for t in tasks]; todo = schedule(given); prio = priorities(todo)
+    with tqdm(total=len(todo), desc=desc, unit='run', disable=not show_progress(progress)) as bar:
+        if backend == 'dask': done, errors = _run_dask(todo, address, workers, device, bar, prio)
+        elif (procs := local_processes(workers, len(todo))) > 1:
+            _warn_one_gpu(procs, 'local worker processes'); done, errors = _run_pool(todo, procs, device, bar, prio)
+        else: done, errors = _run_serial(todo, device, bar)
     results = [done.get(t.name) for t in given]
     mine = torch.__version__.split('+')[0]
     other = sorted({r['versions']['torch'] for r in done.values() if r['versions']['torch'].split('+')[0] != mine})
@@ -246,12 +315,12 @@ def sweep_tasks(
     scale:str='paper',
     seeds=tuple(range(10)),
     datasets=None,                        # None -> `default_datasets(scale)`
-    kinds=KINDS,                          # some of 'erm', 'finetune', 'jtt'
+    kinds=SWEEP_KINDS,                    # some of 'erm', 'finetune', 'jtt'
     presets=('paper',),                   # some of 'paper', 'official_code'
     criteria=('gradient', 'magnitude'),   # the fine-tunings' mask criteria
 )->list[Task]:                            # scheduled: ERM tasks first
     "The tasks of a sweep over datasets x presets x seeds, built by the figures' own config functions."
-    for what, vals, allowed in (('kinds', kinds, KINDS), ('presets', presets, TRAIN_PRESETS), ('criteria', criteria, MASK_CRITERIA)):
+    for what, vals, allowed in (('kinds', kinds, SWEEP_KINDS), ('presets', presets, TRAIN_PRESETS), ('criteria', criteria, MASK_CRITERIA)):
         bad = [v for v in vals if v not in allowed]
         if bad or not vals: raise ValueError(f'bad {what} {list(vals)}: expected some of {list(allowed)}')
     tasks = []
@@ -269,8 +338,8 @@ def task_table(tasks)->pd.DataFrame:
     rows = []
     for t in map(as_task, tasks):
         c = t.config; dep = t.needs()
-        variant = f'criterion={c.criterion}' if t.kind == 'finetune' else f'epochs={c.epochs}' if t.kind == 'jtt' else f'{c.arch}'
-        rows.append(dict(kind=t.kind, dataset=c.dataset, seed=c.seed, preset=c.preset, variant=variant, run=t.name,
+        variant = (f'criterion={c.criterion}' if t.kind == 'finetune' else f'arch={c.arch}' if t.kind == 'erm' else f'epochs={c.epochs}')
+        rows.append(dict(kind=t.kind, dataset=c.dataset, seed=c.seed, preset=getattr(c, 'preset', ''), variant=variant, run=t.name,
                          after=dep.name if dep else '', cached=(cache_dir()/'runs'/t.name/'done.json').exists()))
     return pd.DataFrame(rows, columns=['kind', 'dataset', 'seed', 'preset', 'variant', 'run', 'after', 'cached'])
 
@@ -282,13 +351,14 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--scale', default='paper', choices=SCALES, help='smoke | cpu | paper (default)')
     ap.add_argument('--seeds', nargs='+', default=['0-9'], help="seeds: ints and ranges, e.g. 0-9 (default) or 0 3 5-7")
     ap.add_argument('--datasets', nargs='+', help='default: waterbirds celeba at paper scale, waterbirds_like celeba_like below')
-    ap.add_argument('--kinds', nargs='+', default=list(KINDS), choices=KINDS, help='runs to produce (default: all)')
+    ap.add_argument('--kinds', nargs='+', default=list(SWEEP_KINDS), choices=SWEEP_KINDS, help='runs to produce (default: all)')
     ap.add_argument('--presets', nargs='+', default=['paper'], choices=TRAIN_PRESETS, help='default: paper')
     ap.add_argument('--criteria', nargs='+', default=['gradient', 'magnitude'], choices=MASK_CRITERIA,
                     help="fine-tuning mask criteria (default: gradient magnitude, as Fig. 6)")
-    ap.add_argument('--backend', default='local', choices=BACKENDS, help=f'local (this process, default) | dask ({CLUSTER_EXTRA})')
+    ap.add_argument('--backend', default='local', choices=BACKENDS, help=f'local (this machine, default) | dask ({CLUSTER_EXTRA})')
     ap.add_argument('--address', help='dask scheduler address (tcp://host:8786) or scheduler file; default: a local cluster')
-    ap.add_argument('--workers', type=int, help='dask: local cluster size (default 1), or the workers to wait for at --address')
+    ap.add_argument('--workers', type=int, help='local: worker processes (default 1: this process; at most one per core); '
+                    'dask: local cluster size (default 1), or the workers to wait for at --address')
     ap.add_argument('--device', help='device for training (default: each worker\'s own)')
     ap.add_argument('--dry-run', action='store_true', help='print the tasks, their run folders and what is cached; train nothing')
     a = ap.parse_args(argv)

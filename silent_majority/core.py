@@ -13,11 +13,12 @@ import torch
 check_numerics()                    # warns when torch computed before the package was imported
 
 # %% auto #0
-__all__ = ['TRAINING_THREADS', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'seed_everything', 'get_device', 'full_fp32',
-           'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write', 'CorruptFileError', 'UnsafeFileError',
-           'file_sha256', 'save_torch', 'record_sha256', 'check_file', 'load_torch', 'to_json', 'config_dict',
-           'config_hash', 'check_fields', 'DamagedRunWarning', 'CacheWriteError', 'numerics_record', 'numerics_key',
-           'Run', 'CachedRun', 'show_progress', 'cpu_weights', 'parse_assignment', 'cached_run']
+__all__ = ['TRAINING_THREADS', 'RUN_LOG', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'seed_everything', 'get_device',
+           'full_fp32', 'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write', 'CorruptFileError',
+           'UnsafeFileError', 'file_sha256', 'save_torch', 'record_sha256', 'check_file', 'load_torch', 'to_json',
+           'config_dict', 'config_hash', 'check_fields', 'DamagedRunWarning', 'CacheWriteError', 'numerics_record',
+           'numerics_key', 'run_name', 'Run', 'CachedRun', 'show_progress', 'cpu_weights', 'parse_assignment',
+           'cached_run']
 
 # %% ../nbs/00_core.ipynb #921721c1
 def repo_root()->Path: # the folder holding `settings.ini`, else the working directory
@@ -289,11 +290,23 @@ def numerics_key(config:dict)->dict: # a run's config as `config_dict` gives it
     if mode == DEFAULT_NUMERICS or config.get('scale') not in ('smoke', 'cpu'): return config
     return {**config, 'numerics': mode}
 
+def run_name(kind:str, cfg)->str: # e.g. 'erm-1a2b3c4d5e6f'
+    "The run-cache folder name of a run: `<kind>-<hash of its config>` (its config as `numerics_key` files it), as `Run` names it."
+    return f'{kind}-{config_hash(numerics_key(config_dict(cfg)))}'
+
+RUN_LOG = 'SM_RUN_LOG'   # environment variable: a file to which every opened run appends its folder name
+
+def _log_run(name:str)->None:
+    "Append `name` to the file `SM_RUN_LOG` names, if set (one line per opening; `regenerate` checks them against the plan)."
+    path = os.environ.get(RUN_LOG)
+    if path:
+        with open(path, 'a') as f: f.write(name + '\n')
+
 class Run:
     "A content-addressed folder for one run: config, metrics log, checkpoints, result."
     def __init__(self, cfg, kind:str='run', root:str|Path|None=None): # config; a name prefix; cache root
         self.config = numerics_key(config_dict(cfg)); self.kind = kind; self.hash = config_hash(self.config)
-        root = Path(root or cache_dir()/'runs'); self.dir = root/f'{kind}-{self.hash}'
+        root = Path(root or cache_dir()/'runs'); self.dir = root/f'{kind}-{self.hash}'; _log_run(self.dir.name)
         cfg_path = self.dir/'config.json'; stored = None
         try: self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e: raise _cache_write_error(root, e) from e

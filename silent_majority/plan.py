@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, os
 from pathlib import Path
 import pandas as pd
-from .core import cache_dir, config_hash, data_dir
+from .core import cache_dir, config_hash, data_dir, run_name
 from .data import MNIST_FILES
 from .train import ERMConfig, erm_config, REAL_DATASETS, _IMAGENET_FILES
 from .finetune import FinetuneConfig, JTTConfig, finetune_config, jtt_same_budget, erm_of
@@ -15,7 +15,8 @@ from .classify import CourseConfig, course_config
 from .contrastive import ContrastiveConfig, contrastive_config
 
 # %% auto #0
-__all__ = ['FIGURE_RUNS', 'ablation_variants', 'figure_runs', 'run_name', 'run_requirements', 'plan', 'dry_run']
+__all__ = ['FIGURE_RUNS', 'PLAN_PARAMETERS', 'ablation_variants', 'figure_runs', 'figure_tasks', 'unplanned_runs',
+           'run_requirements', 'plan', 'dry_run']
 
 # %% ../nbs/14_plan.ipynb #e8deb28f
 def ablation_variants(scale:str)->dict: # name -> FinetuneConfig overrides
@@ -97,9 +98,25 @@ def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0
         if key not in seen: seen.add(key); out.append((kind, cfg))
     return out
 
-def run_name(kind:str, cfg)->str:
-    "The run-cache folder name of a run: `<kind>-<config hash>` (as `core.Run` names it)."
-    return f'{kind}-{config_hash(cfg)}'
+PLAN_PARAMETERS = ('dataset', 'seed', 'arch')   # the notebook parameters a plan follows (scale and out_dir aside)
+
+def figure_tasks(figures:list, scale:str='paper', parameters:dict|None=None)->list[tuple]: # [(kind, config)], no repeats
+    "Every run the figure notebooks `figures` ask for when run with `parameters` (some of `PLAN_PARAMETERS`; other figure ids plan nothing)."
+    parameters = parameters or {}; bad = sorted(set(parameters) - set(PLAN_PARAMETERS))
+    if bad: raise ValueError(f'a plan follows the parameters {list(PLAN_PARAMETERS)}, got {bad}')
+    out, seen = [], set()
+    for fig in figures:
+        if fig not in FIGURE_RUNS: continue
+        kw = dict(dataset=parameters.get('dataset'), seed=parameters.get('seed', 0),
+                  arch=None if fig.startswith('c') else parameters.get('arch'))
+        for kind, cfg in figure_runs(fig, scale, **kw):
+            if (name := run_name(kind, cfg)) not in seen: seen.add(name); out.append((kind, cfg))
+    return out
+
+def unplanned_runs(figure:str, asked:list, scale:str='paper', parameters:dict|None=None)->list[str]: # run names, first asked first
+    "The runs in `asked` (run-cache folder names a figure notebook opened) that the plan of `figure` does not list."
+    planned = {run_name(k, c) for k, c in figure_tasks([figure], scale, parameters)}
+    return list(dict.fromkeys(n for n in asked if n not in planned))
 
 # %% ../nbs/14_plan.ipynb #6bce96cc
 def _dataset_files(name:str)->list[Path]:

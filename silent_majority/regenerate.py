@@ -8,14 +8,15 @@ import argparse, ast, concurrent.futures as cf, json, multiprocessing as mp, os,
 from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
-from .core import CacheWriteError, atomic_write, cache_dir, figures_dir, parse_assignment, repo_root
+from .core import RUN_LOG, CacheWriteError, atomic_write, cache_dir, figures_dir, parse_assignment, repo_root
 
 # %% auto #0
-__all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'FINDING_KEYS', 'GALLERY_SECTIONS',
-           'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell', 'parameter_types', 'check_parameters',
-           'default_out_dir', 'check_writable', 'kernel_warnings', 'last_cell_ran', 'run_notebook', 'kernel_threads',
-           'regenerate', 'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table', 'update_block',
-           'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
+__all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'KERNEL_LOG', 'KERNEL_LAUNCHER',
+           'FINDING_KEYS', 'GALLERY_SECTIONS', 'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell',
+           'parameter_types', 'check_parameters', 'default_out_dir', 'check_writable', 'kernel_warnings',
+           'last_cell_ran', 'kernel_log_lines', 'run_notebook', 'kernel_threads', 'train_planned', 'regenerate',
+           'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table', 'update_block', 'caption',
+           'gallery', 'write_gallery', 'refresh_readme', 'main']
 
 # %% ../nbs/10_regenerate.ipynb #390fa9f4
 FIGURE_FOLDERS = ('paper', 'course')
@@ -91,7 +92,7 @@ def check_writable(
     raise CacheWriteError(f'cannot write {what} to {folder}: {reason}')
 
 WARNING_LINE = re.compile(r'^(?P<where>\S.*?:\d+): (?P<category>[A-Za-z_][\w.]*Warning): (?P<message>.*\S)')
-KERNEL_NOISE = ('Kernel is running over TCP without encryption',)  # printed by every kernel, says nothing about the run
+KERNEL_NOISE = ('Kernel is running over TCP without encryption', 'KeyboardInterrupt caught in kernel')  # every kernel's log says these; they say nothing about the run
 
 def kernel_warnings(nb)->list[str]: # an executed notebook: its path or the `NotebookNode`
     "The distinct Python warnings the kernel printed to stderr while `nb` ran, as 'Category: message (file:line)', first seen first."
@@ -125,9 +126,24 @@ def _failure_point(executed:Path)->dict:
     return dict(where=f'cell {last[0]} ({last[1]!r}) was the last cell that ran', last_cell=last[0], last_cell_source=last[1])
 
 # %% ../nbs/10_regenerate.ipynb #4202125a
+KERNEL_LOG = 'SM_KERNEL_LOG'   # environment variable: the file a pinned kernel's own stderr (its log) goes to
+KERNEL_LAUNCHER = (   # `python -m ipykernel_launcher`, with the kernel's stderr sent to $SM_KERNEL_LOG when it is set
+    "import os, sys\n"
+    "log = os.environ.get('SM_KERNEL_LOG')\n"
+    "if log: fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644); os.dup2(fd, 2); os.close(fd)\n"
+    "if sys.path and sys.path[0] == '': del sys.path[0]\n"
+    "from ipykernel import kernelapp; kernelapp.launch_new_instance()\n")
+
+def kernel_log_lines(path:str|Path, limit:int=20)->list[str]: # at most `limit` distinct lines
+    "The lines a kernel wrote to its own stderr, without the noise every kernel prints (`KERNEL_NOISE`): what is left may matter."
+    try: text = Path(path).read_text(errors='replace')
+    except FileNotFoundError: return []
+    lines = [l.rstrip() for l in text.splitlines() if l.strip() and not any(n in l for n in KERNEL_NOISE)]
+    return list(dict.fromkeys(lines))[:limit]
+
 def _pin_kernel()->None:
     kdir = cache_dir()/'jupyter'/'kernels'/'python3'; kdir.mkdir(parents=True, exist_ok=True)
-    spec = {'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
+    spec = {'argv': [sys.executable, '-c', KERNEL_LAUNCHER, '-f', '{connection_file}'],
             'display_name': 'Python 3 (silent_majority)', 'language': 'python'}
     if not (kdir/'kernel.json').exists() or json.loads((kdir/'kernel.json').read_text()) != spec:
         (kdir/'kernel.json').write_text(json.dumps(spec))
@@ -141,7 +157,7 @@ def run_notebook(
     parameters:dict|None=None,    # more parameters to inject (e.g. seed, dataset)
     executed_dir:str|Path|None=None, # None -> cache_dir()/'executed'/scale
     threads:int|None=None,        # torch/BLAS threads for the kernel (None: leave as is)
-)->dict:                          # id, notebook, status ('ok' | 'failed'), seconds, executed, error, cell, where, warnings
+)->dict:                          # id, notebook, status ('ok' | 'failed'), seconds, executed, error, cell, where, warnings, runs, kernel_log
     "Execute one figure notebook with papermill in a fresh kernel; report how it ended and the warnings its kernel printed."
     import papermill as pm
     path = Path(path); out_dir = Path(out_dir) if out_dir else default_out_dir(scale)
@@ -152,6 +168,10 @@ def run_notebook(
     res = dict(id=path.stem, notebook=str(path), status='ok', seconds=0.0, executed=str(executed), error=None, cell=None,
                warnings=[])
     executed.unlink(missing_ok=True)   # an executed copy left by an earlier run must not be read as this run's
+    runs_log, kernel_log = executed.with_suffix('.runs.txt'), executed.with_suffix('.stderr.txt')
+    for p in (runs_log, kernel_log): p.unlink(missing_ok=True)
+    saved = {k: os.environ.get(k) for k in (RUN_LOG, KERNEL_LOG)}
+    os.environ.update({RUN_LOG: str(runs_log), KERNEL_LOG: str(kernel_log)})   # the kernel inherits both
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(path), str(executed), parameters=params, kernel_name='python3',
@@ -165,7 +185,11 @@ def run_notebook(
             first = src.strip().splitlines()[0] if src.strip() else ''
             res.update(cell=idx, error=f'{e.ename}: {e.evalue}'[:500], cell_source=first)
         else: res.update(_failure_point(executed))   # the kernel died, a write failed, ...: say how far it got
+    finally:
+        for k, v in saved.items(): os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     res['seconds'] = round(time.perf_counter() - t0, 1)
+    res['runs'] = list(dict.fromkeys(runs_log.read_text().split())) if runs_log.exists() else []   # the runs it opened
+    res['kernel_log'] = kernel_log_lines(kernel_log)
     try: res['warnings'] = kernel_warnings(executed) if executed.exists() else []
     except Exception as e: res['warnings'] = [f'(the warnings could not be read from {executed}: {type(e).__name__}: {e})']
     return res
@@ -184,19 +208,51 @@ def _select(only, nbs=None)->list[Path]:
     if bad: raise ValueError(f'unknown figure ids {bad}: expected some of {sorted(ids)}')
     return [ids[o] for o in only]
 
+def train_planned(
+    scale:str,
+    figures:list,                # figure ids (notebook stems); ids without a plan add nothing
+    parameters:dict|None=None,   # the notebooks' parameters (those of `plan.PLAN_PARAMETERS` choose the runs)
+    workers:int=1,               # local worker processes (at most one per core), or the LocalCluster size with 'dask'
+    backend:str='local',         # 'local' | 'dask'
+    address:str|None=None,       # dask: scheduler address or scheduler file (None: a LocalCluster here)
+)->dict:                         # seconds, planned, cached, trained, failed {run: error}, processes, records
+    "Train every run the figures' plan lists that the run cache lacks, in parallel, before any notebook starts (`cluster.run_tasks`)."
+    from silent_majority.plan import PLAN_PARAMETERS, figure_tasks
+    from silent_majority.cluster import SweepError, local_processes, run_tasks, schedule
+    planned = schedule(figure_tasks(figures, scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS}))
+    todo = [t for t in planned if not (cache_dir()/'runs'/t.name/'done.json').exists()]
+    procs = (workers if backend == 'dask' else local_processes(workers, len(todo))) if todo else 0
+    out = dict(seconds=0.0, planned=len(planned), cached=len(planned) - len(todo), trained=0, failed={}, processes=procs,
+               backend=backend, records=[])
+    if not todo: return out
+    t0 = time.perf_counter()
+    kw = dict(backend=backend, desc=f'training ({scale})', **({'address': address, 'workers': workers} if backend == 'dask' else
+                                                                   {'workers': workers}))
+    try: records = run_tasks(todo, **kw)
+    except SweepError as e: records = e.results; out['failed'] = {n: f'{type(x).__name__}: {x}'[:500] for n, x in e.errors.items()}
+    out.update(seconds=round(time.perf_counter() - t0, 1), trained=sum(r is not None for r in records),
+               records=[dict(run=r['run'], seconds=r['seconds'], pid=r['pid']) for r in records if r is not None])
+    return out
+
 def regenerate(
     scale:str='cpu',
     only:list|None=None,         # figure ids (notebook stems); None = all
-    workers:int=1,               # parallel worker processes
+    workers:int=1,               # parallel worker processes (training first, then the notebooks)
     out_dir:str|Path|None=None,  # None -> `default_out_dir(scale)`
     parameters:dict|None=None,   # extra parameters for every notebook
     nbs:str|Path|None=None,      # folder with paper/ and course/ (default: the repo's nbs/)
     executed_dir:str|Path|None=None,
-)->list[dict]:                   # one result per notebook (see `run_notebook`)
-    "Run the figure notebooks through papermill, in parallel, and return one result each."
+    pretrain:bool=True,          # train the planned runs first, in parallel (False: each notebook trains what it needs)
+    backend:str='local',         # where the training phase runs: 'local' | 'dask'
+    address:str|None=None,       # dask: scheduler address or scheduler file (None: a LocalCluster of `workers` here)
+    training:dict|None=None,     # filled with the training phase's record (see `train_planned`)
+)->list[dict]:                   # one result per notebook (see `run_notebook`), with `unplanned` runs
+    "Train the planned runs in parallel, then run the figure notebooks through papermill, in parallel, and return one result each."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f'workers must be a positive int, got {workers!r}')
+    if backend not in ('local', 'dask'): raise ValueError(f"unknown backend {backend!r}: expected one of ['local', 'dask']")
+    if address is not None and backend != 'dask': raise ValueError("address applies to the 'dask' backend")
     _check_seed((parameters or {}).get('seed'))
     paths = _select(only, nbs)
     for p in paths:                              # wrong parameters fail before any notebook starts
@@ -205,11 +261,21 @@ def regenerate(
     check_writable(cache_dir(), 'the run cache (SM_CACHE)')
     check_writable(executed_dir or cache_dir()/'executed'/scale, 'executed notebooks')
     _pin_kernel()
+    if pretrain:
+        rec = train_planned(scale, [p.stem for p in paths], parameters, workers, backend, address)
+        for n, e in rec['failed'].items(): tqdm.write(f'training: {n} failed: {e}', file=sys.stderr)
+        if training is not None: training.update(rec)
     threads = kernel_threads(scale, workers, len(paths))
     kw = dict(scale=scale, out_dir=out_dir, parameters=parameters, executed_dir=executed_dir, threads=threads)
     bar = tqdm(total=len(paths), desc=f'figures ({scale})', unit='nb', disable=os.environ.get('SM_PROGRESS') == '0')
+    shown = set()
     def done(r):
-        for w in r.get('warnings') or []: tqdm.write(f"{r['id']}: {w}", file=sys.stderr)   # each distinct one once
+        r['unplanned'] = _unplanned(r, scale, parameters)
+        notes = list(r.get('warnings') or []) + [f'kernel stderr: {l}' for l in r.get('kernel_log') or []]
+        if r['unplanned']: notes.append(f"asked the run cache for {len(r['unplanned'])} run(s) the plan does not list "
+                                        f"(so --dry-run and the training phase miss them): {', '.join(r['unplanned'])}")
+        for w in notes:                          # each distinct one once, with the first notebook that printed it
+            if w not in shown: shown.add(w); tqdm.write(f"{r['id']}: {w}", file=sys.stderr)
         bar.update(1); bar.set_postfix_str(f"{r['id']} {r['status']} {r['seconds']:.0f}s"); return r
     with bar:
         if workers == 1 or len(paths) <= 1: return [done(run_notebook(p, **kw)) for p in paths]
@@ -218,17 +284,34 @@ def regenerate(
             for f in cf.as_completed(futs): done(f.result())
             return [f.result() for f in futs]
 
+def _unplanned(r:dict, scale:str, parameters:dict|None)->list[str]:
+    from silent_majority.plan import FIGURE_RUNS, PLAN_PARAMETERS, unplanned_runs
+    if r['id'] not in FIGURE_RUNS: return []
+    return unplanned_runs(r['id'], r.get('runs') or [], scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS})
+
 def _run_one(args): p, kw = args; return run_notebook(p, **kw)
 
 def _check_seed(seed, name:str='seed'):
     if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
         raise ValueError(f'{name} must be a non-negative int, got {seed}')
 
-def format_table(results:list[dict])->str:
-    "A plain-text table of notebook, status and seconds, then one line per failure."
-    w = max([len('notebook')] + [len(r['id']) for r in results])
+def format_table(
+    results:list[dict],        # from `regenerate`
+    training:dict|None=None,   # the training phase's record (`train_planned`), shown first
+)->str:
+    "A plain-text table: the training phase, then notebook, status and seconds, then one line per failure and per run a notebook asked for outside the plan."
+    w = max([len('notebook'), len('(training phase)')] + [len(r['id']) for r in results])
     lines = [f"{'notebook':<{w}}  {'status':<6}  {'seconds':>8}", '-' * (w + 18)]
+    if training is not None:
+        t = training; status = 'failed' if t['failed'] else 'ok'
+        lines.append(f"{'(training phase)':<{w}}  {status:<6}  {t['seconds']:>8.1f}  {t['trained']} run(s) trained with "
+                     f"{t['processes']} {'Dask worker(s)' if t.get('backend') == 'dask' else 'process(es)'}; "
+                     f"{t['cached']} of {t['planned']} planned runs were cached")
     lines += [f"{r['id']:<{w}}  {r['status']:<6}  {r['seconds']:>8.1f}" for r in results]
+    if training is not None:
+        lines += [f'FAILED training of {n}: {e}' for n, e in training['failed'].items()]
+    for r in results:
+        if r.get('unplanned'): lines.append(f"NOT IN THE PLAN {r['id']}: asked the run cache for {', '.join(r['unplanned'])}")
     for r in results:
         if r['status'] != 'ok':
             where = (f"cell {r['cell']} ({r.get('cell_source', '')!r})" if r['cell'] is not None else
@@ -389,11 +472,16 @@ def _literal_param(text:str)->tuple: return parse_assignment(text, 'a parameter 
 def _refuse(message:str)->int: print(f'sm-regenerate: {message}', file=sys.stderr); return 2
 
 def main(argv:list|None=None)->int:
-    "Command line: `sm-regenerate --scale S [--only ID ...] [--workers N] [--out-dir DIR] [--seed N] [-p NAME=VALUE ...] [--dry-run]`."
+    "Command line: `sm-regenerate --scale S [--only ID ...] [--workers N] [--no-pretrain] [--backend dask --address A] [--out-dir DIR] [--seed N] [-p NAME=VALUE ...] [--dry-run]`."
     ap = argparse.ArgumentParser(prog='sm-regenerate', description='Regenerate the figures by running the figure notebooks.')
     ap.add_argument('--scale', default='cpu', choices=SCALES, help='smoke (seconds) | cpu (minutes, default) | paper (GPU, real data)')
     ap.add_argument('--only', nargs='+', metavar='ID', help='figure ids to run (notebook stems); default: all')
-    ap.add_argument('--workers', type=int, default=1, help='parallel worker processes (default 1)')
+    ap.add_argument('--workers', type=int, default=1, help='parallel worker processes, for the training phase (at most one per core) '
+                    'and then the notebooks (default 1)')
+    ap.add_argument('--no-pretrain', action='store_true', help='skip the training phase: each notebook trains the runs it needs itself')
+    ap.add_argument('--backend', default='local', choices=('local', 'dask'),
+                    help='where the training phase runs: local worker processes (default) | dask (pip install -e ".[cluster]")')
+    ap.add_argument('--address', help='dask: scheduler address (tcp://host:8786) or scheduler file; default: a local cluster of --workers')
     ap.add_argument('--out-dir', help='where figures go (default figures/ for cpu, figures/<scale>/ otherwise)')
     ap.add_argument('--seed', type=int, help='seed passed to every notebook (default: each notebook\'s own)')
     ap.add_argument('-p', '--param', action='append', default=[], metavar='NAME=VALUE',
@@ -420,9 +508,12 @@ def main(argv:list|None=None)->int:
     try:
         params = dict(_literal_param(p) for p in a.param)
         if a.seed is not None: params['seed'] = a.seed
-        results = regenerate(a.scale, a.only, a.workers, a.out_dir, params or None, a.nbs)
-    except (ValueError, TypeError, CacheWriteError) as e: return _refuse(str(e))
-    print(format_table(results))
+        training = None if a.no_pretrain else {}
+        results = regenerate(a.scale, a.only, a.workers, a.out_dir, params or None, a.nbs, pretrain=not a.no_pretrain,
+                             backend=a.backend, address=a.address, training=training)
+    except (ValueError, TypeError, ImportError, CacheWriteError) as e: return _refuse(str(e))
+    except OSError as e: return _refuse(f'{type(e).__name__}: {e}')   # e.g. no scheduler at --address
+    print(format_table(results, training))
     fig_dir = Path(a.out_dir) if a.out_dir else default_out_dir(a.scale)
     print(f'gallery: {write_gallery(fig_dir, a.nbs)}')
     if a.scale == 'cpu' and a.out_dir is None and a.nbs is None and not params:   # the committed figures changed

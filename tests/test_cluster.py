@@ -1,4 +1,4 @@
-"Sweeps through `silent_majority.cluster`: the local backend end to end, task serialisation, and a Dask LocalCluster when dask is installed."
+"Sweeps through `silent_majority.cluster`: the local backend end to end, task serialisation, and a Dask LocalCluster (the cluster extra, which `make test` installs)."
 import json, os, pickle, subprocess, sys
 import pytest
 from silent_majority.cluster import Task, SweepError, main, run_tasks, schedule, sweep_tasks, task_table
@@ -70,7 +70,7 @@ def _set_worker_env(client, key, value):
 
 
 def test_dask_local_cluster_shares_the_run_cache(fresh_cache, tmp_path):
-    distributed = pytest.importorskip('distributed', reason='dask[distributed] (the cluster extra) is not installed')
+    import distributed   # installed by `make setup` (the cluster extra), so this runs on every CI run
     tasks = [erm_config('waterbirds_like', 'smoke', seed=s) for s in (0, 1)]
     # 1. a LocalCluster of 2 worker processes, started by run_tasks, trains both runs into the shared cache
     res = run_tasks(tasks, backend='dask', workers=2, progress=False)
