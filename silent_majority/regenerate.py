@@ -263,6 +263,7 @@ def regenerate(
     _pin_kernel()
     if pretrain:
         rec = train_planned(scale, [p.stem for p in paths], parameters, workers, backend, address)
+        atomic_write(Path(executed_dir or cache_dir()/'executed'/scale)/'training.json', json.dumps(rec, indent=1))   # every run's seconds
         for n, e in rec['failed'].items(): tqdm.write(f'training: {n} failed: {e}', file=sys.stderr)
         if training is not None: training.update(rec)
     threads = kernel_threads(scale, workers, len(paths))
