@@ -474,7 +474,7 @@ def _refuse(message:str)->int: print(f'sm-regenerate: {message}', file=sys.stder
 
 def main(argv:list|None=None)->int:
     "Command line: `sm-regenerate --scale S [--only ID ...] [--workers N] [--no-pretrain] [--backend dask --address A] [--out-dir DIR] [--seed N] [-p NAME=VALUE ...] [--dry-run]`."
-    ap = argparse.ArgumentParser(prog='sm-regenerate', description='Regenerate the figures by running the figure notebooks.')
+    ap = argparse.ArgumentParser(prog='sm-regenerate', description='Regenerate the figures: train the runs they need (in parallel), then run the figure notebooks.')
     ap.add_argument('--scale', default='cpu', choices=SCALES, help='smoke (seconds) | cpu (minutes, default) | paper (GPU, real data)')
     ap.add_argument('--only', nargs='+', metavar='ID', help='figure ids to run (notebook stems); default: all')
     ap.add_argument('--workers', type=int, default=1, help='parallel worker processes, for the training phase (at most one per core) '
