@@ -15,8 +15,8 @@ __all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNE
            'FINDING_KEYS', 'GALLERY_SECTIONS', 'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell',
            'parameter_types', 'check_parameters', 'default_out_dir', 'check_writable', 'kernel_warnings',
            'last_cell_ran', 'kernel_log_lines', 'run_notebook', 'kernel_threads', 'train_planned', 'regenerate',
-           'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table', 'update_block', 'caption',
-           'gallery', 'write_gallery', 'refresh_readme', 'main']
+           'longest_first', 'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table',
+           'update_block', 'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
 
 # %% ../nbs/10_regenerate.ipynb #390fa9f4
 FIGURE_FOLDERS = ('paper', 'course')
@@ -281,7 +281,9 @@ def regenerate(
     with bar:
         if workers == 1 or len(paths) <= 1: return [done(run_notebook(p, **kw)) for p in paths]
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context('spawn')) as ex:
-            futs = [ex.submit(_run_one, (p, kw)) for p in paths]
+            first = longest_first(paths, out_dir or default_out_dir(scale))   # no worker left alone with a long notebook at the end
+            futs = {p: ex.submit(_run_one, (p, kw)) for p in first}
+            futs = [futs[p] for p in paths]                                  # results in the catalogue's order
             for f in cf.as_completed(futs): done(f.result())
             return [f.result() for f in futs]
 
@@ -289,6 +291,13 @@ def _unplanned(r:dict, scale:str, parameters:dict|None)->list[str]:
     from silent_majority.plan import FIGURE_RUNS, PLAN_PARAMETERS, unplanned_runs
     if r['id'] not in FIGURE_RUNS: return []
     return unplanned_runs(r['id'], r.get('runs') or [], scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS})
+
+def longest_first(paths:list, fig_dir:str|Path)->list[Path]: # the same paths, reordered
+    "The notebooks ordered by the wall time their last figure recorded (`wall_time_s` in its sidecar in `fig_dir`), longest first; those without one keep their order, after the others."
+    def seconds(p):
+        try: return float(json.loads((Path(fig_dir)/f'{Path(p).stem}.json').read_text()).get('wall_time_s') or 0)
+        except (OSError, ValueError, AttributeError): return 0.0
+    return sorted(map(Path, paths), key=lambda p: -seconds(p))   # a stable sort
 
 def _run_one(args): p, kw = args; return run_notebook(p, **kw)
 
