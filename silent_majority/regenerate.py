@@ -219,7 +219,11 @@ def train_planned(
     "Train every run the figures' plan lists that the run cache lacks, in parallel, before any notebook starts (`cluster.run_tasks`)."
     from silent_majority.plan import PLAN_PARAMETERS, figure_tasks
     from silent_majority.cluster import SweepError, local_processes, run_tasks, schedule
-    planned = schedule(figure_tasks(figures, scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS}))
+    params, tasks = {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS}, []
+    for fig in figures:   # a notebook whose plan cannot be built with these parameters reports its own error when it runs
+        try: tasks += figure_tasks([fig], scale, params)
+        except (ValueError, TypeError) as e: tqdm.write(f'training: no plan for {fig} with {params}: {e}', file=sys.stderr)
+    planned = schedule(tasks)
     todo = [t for t in planned if not (cache_dir()/'runs'/t.name/'done.json').exists()]
     procs = (workers if backend == 'dask' else local_processes(workers, len(todo))) if todo else 0
     out = dict(seconds=0.0, planned=len(planned), cached=len(planned) - len(todo), trained=0, failed={}, processes=procs,
@@ -290,7 +294,8 @@ def regenerate(
 def _unplanned(r:dict, scale:str, parameters:dict|None)->list[str]:
     from silent_majority.plan import FIGURE_RUNS, PLAN_PARAMETERS, unplanned_runs
     if r['id'] not in FIGURE_RUNS: return []
-    return unplanned_runs(r['id'], r.get('runs') or [], scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS})
+    try: return unplanned_runs(r['id'], r.get('runs') or [], scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS})
+    except (ValueError, TypeError): return []   # no plan with these parameters (said by the training phase)
 
 def longest_first(paths:list, fig_dir:str|Path)->list[Path]: # the same paths, reordered
     "The notebooks ordered by the wall time their last figure recorded (`wall_time_s` in its sidecar in `fig_dir`), longest first; those without one keep their order, after the others."

@@ -78,3 +78,10 @@ def test_training_phase_on_a_dask_local_cluster(fresh_cache, tmp_path):
 def test_bad_backend_arguments_are_refused(tmp_path):
     p = _cli(tmp_path, '--address', 'tcp://127.0.0.1:9', '--only', 'fig1_group_gap', '--out-dir', str(tmp_path / 'f'))
     assert p.returncode == 2 and "address applies to the 'dask' backend" in p.stderr, p.stderr
+
+
+def test_a_plan_that_cannot_take_the_parameters_is_left_to_the_notebook(fresh_cache, capsys):
+    "A parameter one notebook's runs cannot take (the course has one dataset): the others' runs are trained, that notebook reports its own error."
+    rec = train_planned('smoke', ['c1_spuco_jtt', 'fig1_group_gap'], {'dataset': 'celeba_like'})
+    assert (rec['planned'], rec['trained'], rec['failed']) == (1, 1, {})        # fig1's ERM run on celeba_like
+    assert "no plan for c1_spuco_jtt with {'dataset': 'celeba_like'}: unknown dataset 'celeba_like'" in capsys.readouterr().err
