@@ -4,14 +4,14 @@
 
 # %% ../nbs/11_benchmark.ipynb #23736061
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, json, os, statistics, tempfile, time
+import argparse, copy, dataclasses, json, os, statistics, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
 from PIL import Image
-from .core import atomic_write, figures_dir, get_device, to_json
+from .core import atomic_write, environ, figures_dir, get_device, to_json
 from .neurons import (apply_modification, gradient_scores, gradient_samples, magnitude_scores, top_k,
                                      GRADIENT_SAMPLE_RULES)
 from .models import outputs_probabilities
@@ -236,14 +236,6 @@ def bench_numerics(scale:str='cpu', dataset:str='waterbirds_like', epochs:int=2,
 # %% ../nbs/11_benchmark.ipynb #683db5b8
 BENCH_FIGURES = ('fig1_group_gap', 'fig10_gradcam', 'tab11_celeba', 'c1_spuco_jtt', 'c3_contrastive')
 
-@contextlib.contextmanager
-def _own_cache(folder:Path):
-    old = os.environ.get('SM_CACHE'); os.environ['SM_CACHE'] = str(folder)
-    try: yield folder
-    finally:
-        if old is None: os.environ.pop('SM_CACHE', None)
-        else: os.environ['SM_CACHE'] = old
-
 def bench_regenerate(
     scale:str='cpu',
     figures=BENCH_FIGURES,   # figure ids regenerated (a subset of the catalogue, see above)
@@ -258,7 +250,7 @@ def bench_regenerate(
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp); steps = {}
         def run(name, fn):
-            with _own_cache(tmp/name/'cache'):
+            with environ(SM_CACHE=tmp/name/'cache'):
                 t0 = time.perf_counter(); out = fn(tmp/name); steps[name] = time.perf_counter() - t0; return out
         def figs(pretrain, training=None):
             def fn(d):

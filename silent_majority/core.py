@@ -13,12 +13,12 @@ import torch
 check_numerics()                    # warns when torch computed before the package was imported
 
 # %% auto #0
-__all__ = ['TRAINING_THREADS', 'RUN_LOG', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'seed_everything', 'get_device',
-           'full_fp32', 'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write', 'CorruptFileError',
-           'UnsafeFileError', 'file_sha256', 'save_torch', 'record_sha256', 'check_file', 'load_torch', 'to_json',
-           'config_dict', 'config_hash', 'check_fields', 'DamagedRunWarning', 'CacheWriteError', 'numerics_record',
-           'numerics_key', 'run_name', 'Run', 'CachedRun', 'show_progress', 'cpu_weights', 'parse_assignment',
-           'cached_run']
+__all__ = ['TRAINING_THREADS', 'RUN_LOG', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'environ', 'seed_everything',
+           'get_device', 'full_fp32', 'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write',
+           'CorruptFileError', 'UnsafeFileError', 'file_sha256', 'save_torch', 'record_sha256', 'check_file',
+           'load_torch', 'to_json', 'config_dict', 'config_hash', 'check_fields', 'DamagedRunWarning',
+           'CacheWriteError', 'numerics_record', 'numerics_key', 'run_name', 'Run', 'CachedRun', 'show_progress',
+           'cpu_weights', 'parse_assignment', 'cached_run']
 
 # %% ../nbs/00_core.ipynb #921721c1
 def repo_root()->Path: # the folder holding `settings.ini`, else the working directory
@@ -34,6 +34,15 @@ def _env_dir(var, default): return Path(os.environ[var]).expanduser() if os.envi
 def data_dir()->Path:    return _env_dir('SM_DATA', repo_root()/'data')      # real datasets (`SM_DATA`)
 def cache_dir()->Path:   return _env_dir('SM_CACHE', repo_root()/'.cache')   # runs, dataset caches (`SM_CACHE`)
 def figures_dir()->Path: return _env_dir('SM_FIGURES', repo_root()/'figures') # regenerated figures (`SM_FIGURES`)
+
+@contextlib.contextmanager
+def environ(**values): # NAME=value (a str) or NAME=None (unset)
+    "Set (or, with None, unset) environment variables inside the block; each is restored afterwards, also on errors."
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items(): os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, str(v))
+    try: yield
+    finally:
+        for k, v in old.items(): os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 # %% ../nbs/00_core.ipynb #7d84c3f6
 def seed_everything(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .core import Run, atomic_write, figures_dir, full_fp32, get_device, pinned_threads, show_progress, to_json
+from .core import Run, atomic_write, environ, figures_dir, full_fp32, get_device, pinned_threads, show_progress, to_json
 from .data import celeba_fixture, load_celeba, load_waterbirds, to_float, waterbirds_fixture
 from .models import TRANSFORMER_ARCHS, load_weights
 from .neurons import GRADIENT_SAMPLE_RULES, preset_candidates
@@ -68,15 +68,9 @@ SCRATCH_VARS = ('SM_DATA', 'SM_CACHE')
 @contextlib.contextmanager
 def scratch_env(parent:str|Path|None=None): # folder to create the scratch folder in (None: the system's temporary folder)
     "A temporary folder with `data/` as `SM_DATA` and `cache/` as `SM_CACHE` inside the block; both variables are restored and the folder removed afterwards."
-    old = {k: os.environ.get(k) for k in SCRATCH_VARS}
     with tempfile.TemporaryDirectory(prefix='sm-gpu-check-', dir=parent) as tmp:
         root = Path(tmp); (root/'data').mkdir(); (root/'cache').mkdir()
-        os.environ.update(SM_DATA=str(root/'data'), SM_CACHE=str(root/'cache'))
-        try: yield root
-        finally:
-            for k, v in old.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
+        with environ(SM_DATA=root/'data', SM_CACHE=root/'cache'): yield root
 
 # %% ../nbs/15_gpucheck.ipynb #9d55d9d3
 @dataclass

@@ -8,7 +8,7 @@ import argparse, ast, concurrent.futures as cf, json, multiprocessing as mp, os,
 from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
-from .core import RUN_LOG, CacheWriteError, atomic_write, cache_dir, figures_dir, parse_assignment, repo_root
+from .core import RUN_LOG, CacheWriteError, atomic_write, cache_dir, environ, figures_dir, parse_assignment, repo_root
 
 # %% auto #0
 __all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'KERNEL_LOG', 'KERNEL_LAUNCHER',
@@ -170,12 +170,11 @@ def run_notebook(
     executed.unlink(missing_ok=True)   # an executed copy left by an earlier run must not be read as this run's
     runs_log, kernel_log = executed.with_suffix('.runs.txt'), executed.with_suffix('.stderr.txt')
     for p in (runs_log, kernel_log): p.unlink(missing_ok=True)
-    saved = {k: os.environ.get(k) for k in (RUN_LOG, KERNEL_LOG)}
-    os.environ.update({RUN_LOG: str(runs_log), KERNEL_LOG: str(kernel_log)})   # the kernel inherits both
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(executed), parameters=params, kernel_name='python3',
-                            cwd=str(path.parent), progress_bar=False, log_output=False)
+        with environ(**{RUN_LOG: str(runs_log), KERNEL_LOG: str(kernel_log)}):   # the kernel inherits both
+            pm.execute_notebook(str(path), str(executed), parameters=params, kernel_name='python3',
+                                cwd=str(path.parent), progress_bar=False, log_output=False)
     except Exception as e:  # a failing notebook is reported, never allowed to stop the others
         res.update(status='failed', error=f'{type(e).__name__}: {getattr(e, "evalue", None) or e}'.strip()[:500])
         if hasattr(e, 'cell_index'):   # name the cell by its index in the notebook as written (0-based)
@@ -185,8 +184,6 @@ def run_notebook(
             first = src.strip().splitlines()[0] if src.strip() else ''
             res.update(cell=idx, error=f'{e.ename}: {e.evalue}'[:500], cell_source=first)
         else: res.update(_failure_point(executed))   # the kernel died, a write failed, ...: say how far it got
-    finally:
-        for k, v in saved.items(): os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     res['seconds'] = round(time.perf_counter() - t0, 1)
     res['runs'] = list(dict.fromkeys(runs_log.read_text().split())) if runs_log.exists() else []   # the runs it opened
     res['kernel_log'] = kernel_log_lines(kernel_log)
@@ -208,6 +205,10 @@ def _select(only, nbs=None)->list[Path]:
     if bad: raise ValueError(f'unknown figure ids {bad}: expected some of {sorted(ids)}')
     return [ids[o] for o in only]
 
+def _plan_parameters(parameters:dict|None)->dict: # the notebook parameters that choose the runs
+    from silent_majority.plan import PLAN_PARAMETERS
+    return {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS}
+
 def train_planned(
     scale:str,
     figures:list,                # figure ids (notebook stems); ids without a plan add nothing
@@ -217,9 +218,9 @@ def train_planned(
     address:str|None=None,       # dask: scheduler address or scheduler file (None: a LocalCluster here)
 )->dict:                         # seconds, planned, cached, trained, failed {run: error}, processes, records
     "Train every run the figures' plan lists that the run cache lacks, in parallel, before any notebook starts (`cluster.run_tasks`)."
-    from silent_majority.plan import PLAN_PARAMETERS, figure_tasks
+    from silent_majority.plan import figure_tasks
     from silent_majority.cluster import SweepError, local_processes, run_tasks, schedule
-    params, tasks = {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS}, []
+    params, tasks = _plan_parameters(parameters), []
     for fig in figures:   # a notebook whose plan cannot be built with these parameters reports its own error when it runs
         try: tasks += figure_tasks([fig], scale, params)
         except (ValueError, TypeError) as e: tqdm.write(f'training: no plan for {fig} with {params}: {e}', file=sys.stderr)
@@ -292,9 +293,9 @@ def regenerate(
             return [f.result() for f in futs]
 
 def _unplanned(r:dict, scale:str, parameters:dict|None)->list[str]:
-    from silent_majority.plan import FIGURE_RUNS, PLAN_PARAMETERS, unplanned_runs
+    from silent_majority.plan import FIGURE_RUNS, unplanned_runs
     if r['id'] not in FIGURE_RUNS: return []
-    try: return unplanned_runs(r['id'], r.get('runs') or [], scale, {k: v for k, v in (parameters or {}).items() if k in PLAN_PARAMETERS})
+    try: return unplanned_runs(r['id'], r.get('runs') or [], scale, _plan_parameters(parameters))
     except (ValueError, TypeError): return []   # no plan with these parameters (said by the training phase)
 
 def longest_first(paths:list, fig_dir:str|Path)->list[Path]: # the same paths, reordered
