@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SCALE ?= cpu
 WORKERS ?= 2
 
-.PHONY: setup figures smoke test bench gpu-check export clean-cache
+.PHONY: setup figures smoke calibrate test bench gpu-check export clean-cache
 
 # (Re)install when the package metadata changes. torch/torchvision are pinned in settings.ini.
 $(VENV)/.installed: settings.ini setup.py pyproject.toml
@@ -23,6 +23,11 @@ figures: setup
 ## The same at smoke scale (seconds; outputs go to figures/smoke/, not committed).
 smoke:
 	$(MAKE) figures SCALE=smoke
+
+## Rerun the cpu scale's calibration search (every setting of nbs/paper/calibration.ipynb, 3 seeds, about half an hour on
+## 2 cores): rewrites the record data/calibration_grid.csv that `make figures` reads for the settings it does not train.
+calibrate: setup
+	$(BIN)/sm-regenerate --scale cpu --only calibration -p search=True --workers $(WORKERS)
 
 ## Library notebooks' inline tests, then pytest (which runs every figure notebook at smoke scale).
 ## The notebooks' scratch folders (tempfile.mkdtemp) go into one folder that is removed afterwards.

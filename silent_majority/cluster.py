@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 import silent_majority
 from .core import atomic_write, cache_dir, config_dict, run_name, show_progress, training_threads
-from .train import ERMConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm, erm_config
+from .train import (ERMConfig, PretrainConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm,
+                                   cached_pretrain, erm_config, pretrain_of)
 from .finetune import (FinetuneConfig, JTTConfig, MASK_CRITERIA, cached_finetune, cached_jtt, erm_of,
                        finetune_config, jtt_config, jtt_same_budget)
 from .classify import CourseConfig, course_model
@@ -25,7 +26,7 @@ __all__ = ['RUNNERS', 'KINDS', 'SWEEP_KINDS', 'COST_PER_EPOCH', 'BACKENDS', 'CLU
            'default_datasets', 'sweep_tasks', 'task_table']
 
 # %% ../nbs/13_cluster.ipynb #a010515e
-RUNNERS = {'erm': (ERMConfig, cached_erm), 'finetune': (FinetuneConfig, cached_finetune), 'jtt': (JTTConfig, cached_jtt),
+RUNNERS = {'pretrain': (PretrainConfig, cached_pretrain), 'erm': (ERMConfig, cached_erm), 'finetune': (FinetuneConfig, cached_finetune), 'jtt': (JTTConfig, cached_jtt),
            'course-erm': (CourseConfig, course_model), 'course-jtt': (CourseConfig, course_model),
            'contrastive': (ContrastiveConfig, train_contrastive)}   # kind -> (config class, function that trains or loads it)
 KINDS = tuple(RUNNERS)
@@ -34,8 +35,8 @@ SWEEP_KINDS = ('erm', 'finetune', 'jtt')   # the paper's runs, which `sm-sweep` 
 @dataclass
 class Task:
     "One trained run to produce: its kind and its config."
-    kind:str        # one of `KINDS`: 'erm' | 'finetune' | 'jtt' | 'course-erm' | 'course-jtt' | 'contrastive'
-    config:object   # its config: `ERMConfig`, `FinetuneConfig`, `JTTConfig`, `CourseConfig` or `ContrastiveConfig`
+    kind:str        # one of `KINDS`: 'pretrain' | 'erm' | 'finetune' | 'jtt' | 'course-erm' | 'course-jtt' | 'contrastive'
+    config:object   # its config: `PretrainConfig`, `ERMConfig`, `FinetuneConfig`, `JTTConfig`, `CourseConfig` or `ContrastiveConfig`
 
     def __post_init__(self):
         if self.kind not in RUNNERS: raise ValueError(f'unknown task kind {self.kind!r}: expected one of {list(KINDS)}')
@@ -69,8 +70,16 @@ class Task:
         return cls(d['kind'], ccls(**d['config']))
 
     def needs(self)->Task|None:
-        "The ERM task this one starts from (a fine-tuning's or JTT's); None for the others."
-        return Task('erm', erm_of(self.config)) if self.kind in ('finetune', 'jtt') else None
+        "The task this one starts from: a fine-tuning's or JTT's ERM run, an `init='digits'` ERM run's pre-training; None for the others."
+        if self.kind in ('finetune', 'jtt'): return Task('erm', erm_of(self.config))
+        if self.kind == 'erm' and self.config.init == 'digits': return Task('pretrain', pretrain_of(self.config))
+        return None
+
+    def chain(self)->list[Task]:
+        "The tasks this one starts from, the first one first, then this one."
+        out = [self]
+        while (d := out[0].needs()) is not None: out.insert(0, d)
+        return out
 
 def as_task(t)->Task: # a Task, a (kind, config) pair, a `Task.to_dict()` dict, or a bare config
     "Turn any of the usual ways of naming a run into a `Task`."
@@ -85,26 +94,27 @@ def as_task(t)->Task: # a Task, a (kind, config) pair, a `Task.to_dict()` dict, 
 
 # %% ../nbs/13_cluster.ipynb #518d059c
 def schedule(tasks)->list[Task]: # anything `as_task` accepts
-    "The tasks to execute: missing ERM dependencies added, repeats dropped, ERM tasks first (order otherwise kept)."
-    erm, rest, seen = [], [], set()
+    "The tasks to execute: missing dependencies added (pre-training, ERM), repeats dropped, every task after the ones it starts from (pre-training, then ERM, then the rest; order otherwise kept)."
+    levels, seen = {}, set()
     for t in map(as_task, tasks):
-        for u in (t.needs(), t):
-            if u is None or u.name in seen: continue
-            seen.add(u.name); (erm if u.kind == 'erm' else rest).append(u)
-    return erm + rest
+        for depth, u in enumerate(t.chain()):
+            if u.name in seen: continue
+            seen.add(u.name); levels.setdefault(len(u.chain()) - 1, []).append(u)
+    return [u for d in sorted(levels) for u in levels[d]]
 
-COST_PER_EPOCH = {'erm': 1.0, 'jtt': 1.8, 'finetune': 1.8, 'contrastive': 1.7, 'course-erm': 0.25, 'course-jtt': 0.45}
+COST_PER_EPOCH = {'pretrain': 0.8, 'erm': 1.0, 'jtt': 1.8, 'finetune': 1.8, 'contrastive': 1.7, 'course-erm': 0.25, 'course-jtt': 0.45}
 
 def task_cost(task)->float: # in ERM epochs
     "A rough training cost, for ordering only: the task's epochs times its kind's cost of an epoch over an ERM epoch's (measured at cpu scale on one thread)."
     t = as_task(task); return COST_PER_EPOCH[t.kind] * t.config.epochs
 
 def priorities(tasks)->dict: # run name -> priority (higher starts first)
-    "Each scheduled task's cost plus that of the longest task waiting on it: the longest chains start first, so no worker waits at the end for an ERM run."
-    todo = schedule(tasks); waiting = {}
-    for t in todo:
-        if (d := t.needs()) is not None: waiting[d.name] = max(waiting.get(d.name, 0.0), task_cost(t))
-    return {t.name: task_cost(t) + waiting.get(t.name, 0.0) for t in todo}
+    "Each scheduled task's cost plus that of the longest chain of tasks waiting on it: the longest chains start first, so no worker waits at the end for an ERM run."
+    todo = schedule(tasks); prio = {}
+    for t in reversed(todo):                 # the schedule puts every task after the one it needs
+        prio[t.name] = prio.get(t.name, 0.0) + task_cost(t)
+        if (d := t.needs()) is not None: prio[d.name] = max(prio.get(d.name, 0.0), prio[t.name])
+    return {t.name: prio[t.name] for t in todo}
 
 def usable_cores()->int:
     "The cores this process may run on (its CPU affinity, which container limits and `taskset` narrow), else the machine's count."
@@ -193,7 +203,7 @@ def _warn_one_gpu(workers:int, where:str):
 
 def _blocked(t:Task, errors:dict)->Exception|None:
     dep = t.needs()
-    return RuntimeError(f'not run: its ERM run {dep.name} failed') if dep is not None and dep.name in errors else None
+    return RuntimeError(f'not run: the run it starts from, {dep.name}, failed') if dep is not None and dep.name in errors else None
 
 def _run_serial(todo, device, bar):
     done, errors = {}, {}
@@ -208,7 +218,7 @@ def _run_serial(todo, device, bar):
 def _quiet_worker(): os.environ['SM_PROGRESS'] = '0'   # the client's bar counts runs; the workers draw none
 
 def _run_pool(todo, workers, device, bar, prio):
-    "Local worker processes: a task starts when its ERM run is done, the highest priority first, at most `workers` at once."
+    "Local worker processes: a task starts when the run it starts from is done, the highest priority first, at most `workers` at once."
     done, errors, running = {}, {}, {}
     waiting = sorted(todo, key=lambda t: -prio[t.name])        # stable: ties keep the schedule's order
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'), initializer=_quiet_worker) as ex:

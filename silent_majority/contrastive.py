@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 from .core import CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads, numerics_record
-from .data import GroupDataset, SPLITS, mnist_digits, colorize, to_float, augment
+from .data import GroupDataset, SPLITS, mnist_digits, colorize, cue_colors, jitter_offsets, to_float, augment
 from .classify import embeddings, linear_probe
 from .models import load_weights
 
@@ -67,6 +67,8 @@ def color_mnist4(
     digit_colors=DIGIT_COLORS,    # tied colour index (0 yellow, 1 red, 2 green, 3 blue) of digits 0..9
     colors=COLOR4_RGB,            # the four RGB background colours
     root=None,                    # MNIST IDX folder, as in `mnist_digits`
+    contrast:float=1.0,           # the colours pulled toward their mean (`data.cue_colors`); 1 -> as given
+    jitter:float=0.0,             # each image's colour shifted by a uniform draw in [-jitter, jitter] per channel
 )->GroupDataset:
     "MNIST digits on yellow/red/green/blue backgrounds, colour tied to the digit with `strength`: y = digit, a = colour."
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
@@ -78,6 +80,7 @@ def color_mnist4(
                                     or n_per_digit < 1):
         raise ValueError(f'n_per_digit must be a positive int or None, got {n_per_digit!r}')
     digit_colors, colors = _check_digit_colors(digit_colors), _check_colors4(colors)
+    painted = cue_colors(colors, contrast); jitter_offsets(jitter, 0, [0])     # both checked before any work
     def build(s):
         d = mnist_digits(s, root); rng = np.random.default_rng([int(seed), SPLITS.index(s), 4])
         keep = _pick(d.labels.numpy(), n_per_digit, rng); labels = d.labels.numpy()[keep]
@@ -90,7 +93,9 @@ def color_mnist4(
     names = [f'digit {y} on {COLOR4_NAMES[c]}' + (' (tied)' if digit_colors[y] == c else '')
              for y in range(10) for c in range(4)]
     how = ('colour-balanced' if split != 'train' and balanced_eval else f'tied colour with strength {strength}')
-    return GroupDataset(colorize(d.x[idx], colors, a), torch.from_numpy(labels), torch.from_numpy(a),
+    if contrast != 1 or jitter != 0: how += f', contrast {contrast:g}, jitter {jitter:g}'
+    offsets = jitter_offsets(jitter, len(idx), [int(seed), SPLITS.index(split), 5])
+    return GroupDataset(colorize(d.x[idx], painted, a, offsets), torch.from_numpy(labels), torch.from_numpy(a),
                         n_classes=10, n_attr=4, group_names=names, name='color_mnist4', split=split,
                         source=f'{d.source}; backgrounds yellow/red/green/blue {colors}, {how}, '
                                f'digit -> tied colour {digit_colors}', train_counts=train_counts)
@@ -207,6 +212,8 @@ class ContrastiveConfig:
     strength:float=0.9            # color_mnist4 training correlation (0.25 = none)
     balanced_eval:bool=True       # val/test colour-balanced
     n_per_digit:int|None=None     # cap on images per digit in every split (None = all)
+    contrast:float=1.0            # the colours pulled toward their mean (1 = as given)
+    jitter:float=0.0              # per-image colour jitter, uniform in +-jitter per RGB channel
     loss:str='simclr'             # 'simclr' (no labels) | 'supcon' (digit labels)
     temperature:float=0.5
     widths:tuple=(16, 32, 64)     # encoder conv1, conv2, conv3 channels
@@ -219,8 +226,11 @@ class ContrastiveConfig:
     crop_scale:tuple=(0.5, 1.0)   # RandomResizedCrop area range of each view
     hflip:bool=True
 
+    HASH_OMIT_DEFAULTS = ('contrast', 'jitter')   # at their defaults: the hash of before
+
     def __post_init__(self):   # every field's type (core.check_fields), then the ranges and choices
         check_fields(self, dataset=('color_mnist4',), scale=_SCALES, loss=CONTRASTIVE_LOSSES, seed='>=0', strength='[0, 1]',
+                     contrast='[0, 1]', jitter='[0, 255]',
                      n_per_digit='>=1', temperature='>0', head_dim='>=1', feat_dim='>=1', epochs='>=1', batch_size='>=2',
                      lr='>0', weight_decay='>=0')
         self.widths, self.crop_scale = tuple(self.widths), tuple(self.crop_scale)
@@ -232,7 +242,7 @@ class ContrastiveConfig:
 
 _CONTRASTIVE_SCALES = {
     'smoke': dict(n_per_digit=20, widths=(8, 16, 32), head_dim=32, feat_dim=16, epochs=2, batch_size=100),
-    'cpu':   dict(),
+    'cpu':   dict(strength=0.6),   # chosen in nbs/paper/calibration.ipynb (at 0.9 the unpruned probe's val accuracy is ~35 %)
     'paper': dict(widths=(32, 64, 128), head_dim=128, feat_dim=64, epochs=100, batch_size=512),
 }
 
@@ -255,7 +265,7 @@ def _epoch_generator(seed:int, epoch:int, stream:int, device='cpu')->torch.Gener
 
 def load_contrastive_splits(cfg:ContrastiveConfig)->dict: # {'train', 'val', 'test', 'val_correlated'} -> GroupDataset
     "The splits of `cfg`'s 4-colour MNIST, plus the val digits coloured with the training correlation."
-    kw = dict(strength=cfg.strength, seed=cfg.seed, n_per_digit=cfg.n_per_digit)
+    kw = dict(strength=cfg.strength, seed=cfg.seed, n_per_digit=cfg.n_per_digit, contrast=cfg.contrast, jitter=cfg.jitter)
     out = {s: color_mnist4(s, balanced_eval=cfg.balanced_eval, **kw) for s in SPLITS}
     out['val_correlated'] = color_mnist4('val', balanced_eval=False, **kw)
     return out

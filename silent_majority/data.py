@@ -21,10 +21,10 @@ from .core import (
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SPLITS', 'MNIST_FILES', 'PRESETS', 'WATERBIRDS_HEADER', 'WATERBIRDS_GROUPS',
            'WATERBIRDS_SPECIES', 'CELEBA_GROUPS', 'CELEBA_ATTRS', 'SPUCO_CLASSES', 'SPUCO_DIFFICULTIES',
            'SPUCO_DEFAULT_STRENGTH', 'GroupDataset', 'read_idx', 'Digits', 'mnist_digits', 'preset_group_sizes',
-           'colorize', 'spurious_mnist', 'to_rgb', 'eval_transform', 'decode_images', 'dataset_cache_path',
-           'cached_images', 'load_waterbirds', 'waterbirds_fixture', 'load_celeba', 'celeba_fixture', 'to_float',
-           'crop_boxes', 'resized_crop', 'augment', 'spuco_colors', 'color_name', 'spuco_masks', 'spuco_class_colors',
-           'spuco_train_counts', 'spuco_mnist']
+           'colorize', 'cue_colors', 'check_jitter', 'jitter_offsets', 'spurious_mnist', 'sklearn_digits', 'to_rgb',
+           'eval_transform', 'decode_images', 'dataset_cache_path', 'cached_images', 'load_waterbirds',
+           'waterbirds_fixture', 'load_celeba', 'celeba_fixture', 'to_float', 'crop_boxes', 'resized_crop', 'augment',
+           'spuco_colors', 'color_name', 'spuco_masks', 'spuco_class_colors', 'spuco_train_counts', 'spuco_mnist']
 
 # %% ../nbs/01_data.ipynb #7970f3d4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -238,11 +238,41 @@ def colorize(
     x:torch.Tensor,  # uint8 digits, N x H x W, white strokes on black
     colors,          # one RGB background colour (0-255) per attribute value
     a,               # attribute (colour index) of each digit
+    offsets=None,    # N x 3 RGB offsets, one per image (colour jitter); None -> none
 )->torch.Tensor:     # uint8, N x 3 x H x W
-    "Paint each digit's background with `colors[a]`: `p * 255 + (1 - p) * colour`, `p` the ink in [0, 1]."
+    "Paint each digit's background with `colors[a]` (+ its offset): `p * 255 + (1 - p) * colour`, `p` the ink in [0, 1]."
     p = x.float().unsqueeze(1) / 255
-    c = torch.tensor(colors, dtype=torch.float32)[torch.as_tensor(a, dtype=torch.int64)].view(-1, 3, 1, 1)
-    return (p * 255 + (1 - p) * c).round().clamp(0, 255).to(torch.uint8)
+    c = torch.tensor(colors, dtype=torch.float32)[torch.as_tensor(a, dtype=torch.int64)]
+    if offsets is not None:
+        offsets = torch.as_tensor(offsets, dtype=torch.float32)
+        if offsets.shape != c.shape: raise ValueError(f'offsets must be N x 3 (one RGB offset per image), {tuple(c.shape)} here, got {tuple(offsets.shape)}')
+        c = c + offsets
+    c = c.view(-1, 3, 1, 1)
+    return (p * 255 + (1 - p) * c).round().clamp(0, 255).to(torch.uint8)   # a jittered colour stops at 0 and 255
+
+def cue_colors(
+    colors,              # the attribute's RGB colours (0-255)
+    contrast:float=1.0,  # 1 -> the colours as given; 0 -> all at their mean (no colour cue)
+)->list[tuple]:          # as many RGB colours, floats
+    "The colours pulled toward their mean: `mean + contrast * (colour - mean)` (the spurious cue's salience)."
+    if isinstance(contrast, bool) or not isinstance(contrast, (int, float, np.integer, np.floating)) or not 0 <= contrast <= 1:
+        raise ValueError(f'contrast must be a number in [0, 1] (1 = the colours as given, 0 = no colour cue), got {contrast!r}')
+    c = np.asarray(colors, dtype=np.float64); m = c.mean(0)
+    return [tuple(float(v) for v in m + float(contrast) * (ci - m)) for ci in c]
+
+def check_jitter(jitter)->float:
+    "`jitter` as a float, or a ValueError naming the range (RGB units, 0-255)."
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float, np.integer, np.floating)) or not 0 <= jitter <= 255:
+        raise ValueError(f'jitter must be a number in [0, 255] (RGB units), got {jitter!r}')
+    return float(jitter)
+
+def jitter_offsets(
+    jitter:float,  # the largest offset per channel, in RGB units
+    n:int,         # images
+    key:list,      # seeds numpy's generator, e.g. [seed, split index, stream]
+)->np.ndarray|None:# n x 3 uniform draws in [-jitter, jitter]; None for jitter 0 (no draw at all)
+    "Per-image colour offsets for `colorize` (per-image colour jitter)."
+    return None if check_jitter(jitter) == 0 else np.random.default_rng(key).uniform(-jitter, jitter, (n, 3))
 
 def _check_colors(colors):
     ok = (isinstance(colors, (list, tuple)) and len(colors) == 2 and
@@ -260,9 +290,12 @@ def spurious_mnist(
     n_eval_per_group:int|None=None,      # val/test size per group; None -> the largest the digits allow
     colors=None,                         # two RGB background colours (a = 0, a = 1); None -> the preset's
     root=None,                           # MNIST IDX folder, as in `mnist_digits`
+    contrast:float=1.0,                  # the colours pulled toward their mean (`cue_colors`); 1 -> as given
+    jitter:float=0.0,                    # each image's colour shifted by a uniform draw in [-jitter, jitter] per channel
 )->GroupDataset:
     "Coloured-background MNIST: y = digit >= 5, a = background colour, train groups in the preset's proportions."
     _check_split(split); P = _preset(preset); colors = _check_colors(colors if colors is not None else P['colors'])
+    painted = cue_colors(colors, contrast); check_jitter(jitter)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f'seed must be a non-negative int, got {seed!r}')
     train = mnist_digits('train', root)
@@ -282,9 +315,31 @@ def spurious_mnist(
         pool = rng.permutation(np.flatnonzero(cls == y))
         idx.append(pool[:sizes[2 * y] + sizes[2 * y + 1]]); a += [0] * sizes[2 * y] + [1] * sizes[2 * y + 1]
     idx, a = torch.from_numpy(np.concatenate(idx)), torch.tensor(a)
-    return GroupDataset(colorize(d.x[idx], colors, a), (d.labels[idx] >= 5).long(), a,
+    offsets = jitter_offsets(jitter, len(idx), [int(seed), SPLITS.index(split), 2])
+    how = '' if contrast == 1 and jitter == 0 else f' at contrast {contrast:g}, jitter {jitter:g}'
+    return GroupDataset(colorize(d.x[idx], painted, a, offsets), (d.labels[idx] >= 5).long(), a,
                         group_names=P['group_names'], name=f'spurious_mnist/{preset}', split=split,
-                        source=f'{d.source}, backgrounds coloured {colors}', train_counts=train_counts)
+                        source=f'{d.source}, backgrounds coloured {colors}{how}', train_counts=train_counts)
+
+# %% ../nbs/01_data.ipynb #35757621
+def sklearn_digits(
+    seed:int=0,   # draws each image's background colour
+)->GroupDataset:  # 1,797 images, uint8 N x 3 x 28 x 28, y = digit 0-9, a = 0
+    "scikit-learn's 8 x 8 digits as 28 x 28 colour images on random background colours (a pre-training source disjoint from MNIST)."
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f'seed must be a non-negative int, got {seed!r}')
+    from sklearn.datasets import load_digits     # bundled with scikit-learn: nothing is downloaded
+    d = load_digits()
+    ink = torch.from_numpy(d.images.astype(np.float32) / 16 * 255).unsqueeze(1)        # N x 1 x 8 x 8, 0..255
+    ink = F.interpolate(ink, size=(20, 20), mode='bilinear', align_corners=False)
+    x = F.pad(ink, (4, 4, 4, 4)).round().clamp(0, 255).to(torch.uint8)[:, 0]          # bilinear stays in 0..255
+    n = len(x); colors = np.random.default_rng([int(seed), 3]).integers(0, 256, (n, 3))
+    return GroupDataset(colorize(x, [tuple(int(v) for v in c) for c in colors], torch.arange(n)),
+                        torch.from_numpy(d.target.astype(np.int64)), torch.zeros(n, dtype=torch.int64),
+                        n_classes=10, n_attr=1, group_names=[f'digit {k}' for k in range(10)], name='sklearn_digits',
+                        split='train', source='scikit-learn load_digits (1,797 8x8 digits), resized to 20x20 and centred '
+                                              'in 28x28, on a uniformly random background colour per image')
+
 
 # %% ../nbs/01_data.ipynb #8c7afa22
 _MODES_16BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')

@@ -17,7 +17,7 @@ from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_e
 from .data import GroupDataset, augment, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, load_weights, outputs_probabilities
 from .neurons import CANDIDATE_SETS, candidate_layers, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
-from .train import (AMP_MODES, ERMConfig, ERMRun, REAL_DATASETS, SCALES, SYNTHETIC_DATASETS, TRAIN_PRESETS,
+from .train import (AMP_MODES, DEFAULT_REGIME, ERMConfig, ERMRun, REAL_DATASETS, SCALES, SYNTHETIC_DATASETS, TRAIN_PRESETS,
                                    autotune_kernels, amp_context, cached_erm, cached_training, drop_resume_state, erm_config,
                                    evaluate, grad_scaler, group_metrics, kept_epoch, predict, predict_ranks, train_erm)
 from .classify import embeddings, upsample_indices
@@ -25,9 +25,9 @@ from .classify import embeddings, upsample_indices
 # %% auto #0
 __all__ = ['MASK_CRITERIA', 'GRAD_SOURCES', 'SUP_LOSSES', 'METHODS', 'neuron_mask', 'smallest_weights_mask', 'auxiliary_mask',
            'masked_forward', 'Penultimate', 'nt_xent', 'supervised_loss', 'FinetuneConfig', 'finetune_config',
-           'paper_dataset', 'erm_of', 'projection_head', 'finetune_epoch', 'initial_models', 'finetune', 'FinetuneRun',
-           'cached_finetune', 'erm_same_budget', 'JTTConfig', 'jtt_config', 'jtt_same_budget', 'cached_jtt',
-           'penultimate_features', 'dfr', 'last_conv', 'grad_cam', 'compare_methods', 'finetune_rows']
+           'paper_dataset', 'with_regime', 'erm_of', 'projection_head', 'finetune_epoch', 'initial_models', 'finetune',
+           'FinetuneRun', 'cached_finetune', 'erm_same_budget', 'JTTConfig', 'jtt_config', 'jtt_same_budget',
+           'cached_jtt', 'penultimate_features', 'dfr', 'last_conv', 'grad_cam', 'compare_methods', 'finetune_rows']
 
 # %% ../nbs/06_finetune.ipynb #f8ca02f8
 MASK_CRITERIA = ('gradient', 'magnitude', 'combined', 'smallest_weights')
@@ -144,7 +144,7 @@ class FinetuneConfig:
     amp:str|None=None              # mixed precision for the training forward passes: 'bf16' | 'fp16' (CUDA) | None
     channels_last:bool=False       # model and batches in channels-last layout (convolutional models, on CUDA)
     keep_resume_state:bool=False   # a finished run keeps optimizer/scheduler state in `last` (else weights only)
-    erm_overrides:dict=field(default_factory=dict) # `ERMConfig` fields of the ERM run it starts from, e.g. {'arch': 'vit_s16'}
+    erm_overrides:dict=field(default_factory=dict) # `ERMConfig` fields (and `regime`) of the ERM run it starts from, e.g. {'arch': 'vit_s16'}
 
     HASH_OMIT_DEFAULTS = ('amp', 'channels_last', 'keep_resume_state', 'erm_overrides')   # at their defaults: the hash of before
 
@@ -173,7 +173,7 @@ def finetune_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='
     kw = dict(dataset=dataset, scale=scale, preset=preset, seed=seed, **_FT_SCALES[scale], **_FT_PRESETS[preset])
     if scale == 'paper' and preset == 'official_code': kw['epochs'] = 21
     if scale == 'paper' and preset == 'official_code' and dataset in ('celeba', 'celeba_like'): kw['kick_in'] = 19
-    kw.update(overrides); kw['dataset'] = paper_dataset(kw['dataset'], scale)
+    kw.update(overrides); kw['dataset'] = paper_dataset(kw['dataset'], scale); kw['erm_overrides'] = with_regime(kw.get('erm_overrides', {}), scale)
     arch = kw.get('erm_overrides', {}).get('arch') or erm_config(kw['dataset'], scale=scale, preset=preset).arch
     if arch in TRANSFORMER_ARCHS and 'candidates' not in overrides: kw['candidates'] = 'linear'   # ViT neurons (see `neurons`)
     return FinetuneConfig(**kw)
@@ -182,9 +182,18 @@ def paper_dataset(dataset:str, scale:str)->str:
     "At paper scale the spurious-MNIST names stand for the real benchmarks they imitate (as in `erm_config`)."
     return {'waterbirds_like': 'waterbirds', 'celeba_like': 'celeba'}.get(dataset, dataset) if scale == 'paper' else dataset
 
+def with_regime(erm_overrides:dict, scale:str)->dict:
+    "`erm_overrides` naming the ERM regime as configs file it: below paper scale the regime (the scale's default if absent) is kept unless it is 'scratch', the regime of every config made before regimes existed."
+    eo = dict(erm_overrides)
+    if scale == 'paper' or scale not in DEFAULT_REGIME: return eo
+    r = eo.pop('regime', DEFAULT_REGIME[scale])
+    return eo if r == 'scratch' else {**eo, 'regime': r}
+
 def erm_of(cfg)->ERMConfig: # a FinetuneConfig or a JTTConfig
-    "The ERM config the fine-tuning (or JTT) starts from, with the config's `erm_overrides` on top."
-    return erm_config(cfg.dataset, scale=cfg.scale, preset=cfg.preset, seed=cfg.seed, **cfg.erm_overrides)
+    "The ERM config the fine-tuning (or JTT) starts from, with the config's `erm_overrides` on top (no `regime` there: 'scratch')."
+    eo = dict(cfg.erm_overrides)
+    if cfg.scale != 'paper': eo.setdefault('regime', 'scratch')
+    return erm_config(cfg.dataset, scale=cfg.scale, preset=cfg.preset, seed=cfg.seed, **eo)
 
 # %% ../nbs/06_finetune.ipynb #1c1fa4fd
 def projection_head(dim:int, out_dim:int, seed:int=0)->nn.Module:
@@ -359,7 +368,8 @@ def jtt_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='paper
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     fields = {f.name for f in dataclasses.fields(JTTConfig)}
     if set(overrides) - fields: raise ValueError(f'unknown JTTConfig fields {sorted(set(overrides) - fields)}: expected some of {sorted(fields)}')
-    return JTTConfig(**{**dict(dataset=paper_dataset(dataset, scale), scale=scale, preset=preset, seed=seed, **_JTT_SCALES[scale]), **overrides})
+    kw = {**dict(dataset=paper_dataset(dataset, scale), scale=scale, preset=preset, seed=seed, **_JTT_SCALES[scale]), **overrides}
+    return JTTConfig(**{**kw, 'erm_overrides': with_regime(kw.get('erm_overrides', {}), scale)})
 
 def jtt_same_budget(ft:FinetuneConfig, **overrides)->JTTConfig:
     "The JTT baseline compared with fine-tuning `ft`: same dataset, scale, preset, seed and ERM run, and as many epochs in all (kick-in + fine-tuning)."

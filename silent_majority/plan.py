@@ -9,14 +9,15 @@ from pathlib import Path
 import pandas as pd
 from .core import cache_dir, config_hash, data_dir, run_name
 from .data import MNIST_FILES
-from .train import ERMConfig, erm_config, REAL_DATASETS, _IMAGENET_FILES
+from .train import ERMConfig, PretrainConfig, erm_config, pretrain_of, REAL_DATASETS, SYNTHETIC_DATASETS, _IMAGENET_FILES
 from .finetune import FinetuneConfig, JTTConfig, finetune_config, jtt_same_budget, erm_of
-from .classify import CourseConfig, course_config
+from .classify import CourseConfig, course_config, SPUCO_DIFFICULTIES
 from .contrastive import ContrastiveConfig, contrastive_config
 
 # %% auto #0
-__all__ = ['FIGURE_RUNS', 'PLAN_PARAMETERS', 'ablation_variants', 'figure_runs', 'figure_tasks', 'unplanned_runs',
-           'run_requirements', 'plan', 'dry_run']
+__all__ = ['FIG1_SEEDS', 'STAGE1_SEEDS', 'CALIBRATION_SEEDS', 'CALIBRATION_GRID', 'COURSE_DIFFICULTY_GRID', 'CONTRASTIVE_GRID',
+           'FIGURE_RUNS', 'PLAN_PARAMETERS', 'ablation_variants', 'calibration_runs', 'figure_runs', 'figure_tasks',
+           'unplanned_runs', 'run_requirements', 'plan', 'dry_run']
 
 # %% ../nbs/14_plan.ipynb #e8deb28f
 def ablation_variants(scale:str)->dict: # name -> FinetuneConfig overrides
@@ -39,8 +40,49 @@ def ablation_variants(scale:str)->dict: # name -> FinetuneConfig overrides
     if scale == 'smoke': variants = {k: v for i, (k, v) in enumerate(variants.items()) if i < 4}
     return variants
 
-def _erm(dataset, scale, seed, arch=None):
-    return [('erm', erm_config(dataset, scale=scale, preset='paper', seed=seed, **({'arch': arch} if arch else {})))]
+def _erm(dataset, scale, seed, arch=None, n_seeds=1):
+    return [('erm', erm_config(dataset, scale=scale, preset='paper', seed=s, **({'arch': arch} if arch else {})))
+            for s in range(seed, seed + n_seeds)]
+
+FIG1_SEEDS = {'smoke': 2, 'cpu': 3, 'paper': 3}   # seeds of Fig. 1's group table (its claim compares groups)
+STAGE1_SEEDS = {'smoke': 1, 'cpu': 3, 'paper': 3} # ERM seeds of the Stage I notebooks that read every claim on several models
+CALIBRATION_SEEDS = {'smoke': 1, 'cpu': 3, 'paper': 3}
+def _setting(**kw): return dict(regime='scratch', **kw)   # every knob explicit: a grid entry never moves with the defaults
+
+CALIBRATION_GRID = {   # the stand-ins' settings searched in nbs/paper/calibration.ipynb, in the order tried: name -> `erm_config` keywords
+    'scratch (before calibration)': _setting(),
+    'fainter colour': _setting(contrast=0.5, jitter=20.0),
+    'faint, jittered colour': _setting(contrast=0.3, jitter=40.0),
+    'pre-trained': _setting(init='digits'),
+    'pre-trained, fainter colour': _setting(init='digits', contrast=0.5, jitter=20.0),
+    'pre-trained, faint, jittered colour': _setting(init='digits', contrast=0.3, jitter=40.0),
+    'pre-trained, faint, jittered colour, crops': _setting(init='digits', contrast=0.3, jitter=40.0, augment=True),
+    'pre-trained, faint, jittered colour, lr 5e-4': _setting(init='digits', contrast=0.3, jitter=40.0, lr=5e-4),
+    'pre-trained, contrast 0.4, jitter 30': _setting(init='digits', contrast=0.4, jitter=30.0),
+    'pre-trained, contrast 0.4, jitter 40': _setting(init='digits', contrast=0.4, jitter=40.0),
+}
+COURSE_DIFFICULTY_GRID = ('magnitude_large', 'variance_low', 'magnitude_medium', 'magnitude_small')   # most coloured pixels first
+CONTRASTIVE_GRID = {   # the contrastive data, most spurious first (correlation, then the colour's salience): name -> `contrastive_config` keywords
+    'strength 0.9, colours as given': dict(strength=0.9, contrast=1.0, jitter=0.0),
+    'strength 0.9, fainter colour': dict(strength=0.9, contrast=0.5, jitter=20.0),
+    'strength 0.9, faint, jittered colour': dict(strength=0.9, contrast=0.3, jitter=40.0),
+    'strength 0.75': dict(strength=0.75, contrast=1.0, jitter=0.0),
+    'strength 0.6': dict(strength=0.6, contrast=1.0, jitter=0.0),
+    'strength 0.5': dict(strength=0.5, contrast=1.0, jitter=0.0),
+}
+
+def calibration_runs(scale:str, seed:int=0, search:bool|None=None)->list[tuple]: # [(kind, config)]
+    "The runs of the calibration notebook: with `search` (default at smoke scale) every setting of the grids; without, the defaults the search chose (shared with Fig. 6, c1 and c3). At paper scale, the default ERM runs alone (checked against the same targets)."
+    if scale not in FIG1_SEEDS: raise ValueError(f"unknown scale {scale!r}: expected one of ['smoke', 'cpu', 'paper']")
+    search = scale == 'smoke' if search is None else search
+    if search and scale == 'paper': raise ValueError('the search calibrates the spurious-MNIST stand-ins: at paper scale pass search=False')
+    seeds = range(seed, seed + CALIBRATION_SEEDS[scale]); datasets = ('waterbirds', 'celeba') if scale == 'paper' else SYNTHETIC_DATASETS
+    erm = CALIBRATION_GRID.values() if search else [{}]
+    out = [('erm', erm_config(d, scale, seed=s, **kw)) for d in datasets for kw in erm for s in seeds]
+    out += [('course-erm', course_config(scale, 'erm', s, **({'difficulty': d} if search else {})))
+            for d in (COURSE_DIFFICULTY_GRID if search else [None]) for s in seeds]
+    out += [('contrastive', contrastive_config(scale, s, **kw)) for kw in (CONTRASTIVE_GRID.values() if search else [{}]) for s in seeds]
+    return out
 
 def _ft(arch): return {'erm_overrides': {'arch': arch}} if arch else {}
 
@@ -74,7 +116,8 @@ def _contrastive(scale, seed, control:bool):
     return out
 
 FIGURE_RUNS = {   # figure id -> (default dataset, function(dataset, scale, seed) -> [(kind, config)])
-    'fig1_group_gap': ('waterbirds_like', _erm), 'fig2_zero_topk': ('waterbirds_like', _erm),
+    'calibration': ('waterbirds_like', lambda d, sc, s, search=None: calibration_runs(sc, s, search)),
+    'fig1_group_gap': ('waterbirds_like', lambda d, sc, s, arch=None: _erm(d, sc, s, arch, FIG1_SEEDS[sc])), 'fig2_zero_topk': ('waterbirds_like', lambda d, sc, s, arch=None: _erm(d, sc, s, arch, STAGE1_SEEDS[sc])),
     'fig3_rank_hist': ('waterbirds_like', _erm), 'fig4_random_init': ('waterbirds_like', _erm),
     'fig5_random_noise': ('waterbirds_like', _erm), 'fig7_structured': ('waterbirds_like', _erm),
     'figS_rewind': ('waterbirds_like', _erm), 'tabS_control': ('waterbirds_like', _erm),
@@ -87,18 +130,24 @@ FIGURE_RUNS = {   # figure id -> (default dataset, function(dataset, scale, seed
     'c4_contrastive_pruning': ('color_mnist4', lambda d, sc, s: _contrastive(sc, s, False)),
 }
 
-def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0, arch:str|None=None)->list[tuple]: # [(kind, config)], no repeats
+def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0, arch:str|None=None,
+                search:bool|None=None, # the calibration notebook's `search` (None: its default)
+               )->list[tuple]: # [(kind, config)], no repeats; a pre-training run before the first ERM run that starts from it
     "The runs figure notebook `figure` asks the run cache for, with these parameters (None: the notebook's default)."
     if figure not in FIGURE_RUNS: raise ValueError(f'unknown figure {figure!r}: expected one of {list(FIGURE_RUNS)}')
     default, fn = FIGURE_RUNS[figure]
-    if arch and figure.startswith('c'): raise ValueError(f'{figure} has no arch parameter: the course models are fixed (LeNet, a 3-conv encoder)')
+    if arch and (figure.startswith('c') or figure == 'calibration'):
+        raise ValueError(f'{figure} has no arch parameter: its models are fixed (the stand-ins\' architecture, LeNet, a 3-conv encoder)')
+    if search is not None and figure != 'calibration': raise ValueError(f'search is a parameter of the calibration notebook, not of {figure}')
+    runs = fn(dataset or default, scale, seed, search) if figure == 'calibration' else (fn(dataset or default, scale, seed, arch) if arch else fn(dataset or default, scale, seed))
     out, seen = [], set()
-    for kind, cfg in (fn(dataset or default, scale, seed, arch) if arch else fn(dataset or default, scale, seed)):
-        key = run_name(kind, cfg)
-        if key not in seen: seen.add(key); out.append((kind, cfg))
+    for kind, cfg in runs:
+        pre = [('pretrain', pretrain_of(cfg))] if kind == 'erm' and cfg.init == 'digits' else []
+        for k, c in pre + [(kind, cfg)]:
+            if (key := run_name(k, c)) not in seen: seen.add(key); out.append((k, c))
     return out
 
-PLAN_PARAMETERS = ('dataset', 'seed', 'arch')   # the notebook parameters a plan follows (scale and out_dir aside)
+PLAN_PARAMETERS = ('dataset', 'seed', 'arch', 'search')   # the notebook parameters a plan follows (scale and out_dir aside)
 
 def figure_tasks(figures:list, scale:str='paper', parameters:dict|None=None)->list[tuple]: # [(kind, config)], no repeats
     "Every run the figure notebooks `figures` ask for when run with `parameters` (some of `PLAN_PARAMETERS`; other figure ids plan nothing)."
@@ -108,7 +157,8 @@ def figure_tasks(figures:list, scale:str='paper', parameters:dict|None=None)->li
     for fig in figures:
         if fig not in FIGURE_RUNS: continue
         kw = dict(dataset=parameters.get('dataset'), seed=parameters.get('seed', 0),
-                  arch=None if fig.startswith('c') else parameters.get('arch'))
+                  arch=None if fig.startswith('c') or fig == 'calibration' else parameters.get('arch'),
+                  search=parameters.get('search') if fig == 'calibration' else None)
         for kind, cfg in figure_runs(fig, scale, **kw):
             if (name := run_name(kind, cfg)) not in seen: seen.add(name); out.append((kind, cfg))
     return out
@@ -134,11 +184,12 @@ def _weights(name:str)->Path:
 
 def run_requirements(kind:str, cfg)->dict: # {'data': [paths], 'weights': [paths]}
     "The data files and weights a run reads."
-    if isinstance(cfg, (FinetuneConfig, JTTConfig)): base = erm_config(cfg.dataset, scale=cfg.scale, preset=cfg.preset, seed=cfg.seed)
+    if isinstance(cfg, (FinetuneConfig, JTTConfig)): base = erm_of(cfg)
     elif isinstance(cfg, ERMConfig): base = cfg
+    elif isinstance(cfg, PretrainConfig): return dict(data=[], weights=[])   # scikit-learn's bundled digits
     elif isinstance(cfg, (CourseConfig, ContrastiveConfig)):
         return dict(data=_dataset_files('mnist') if cfg.scale == 'paper' else [], weights=[])
-    else: raise TypeError(f'no requirements known for a {type(cfg).__name__}: expected an ERM, fine-tuning, JTT, course or contrastive config')
+    else: raise TypeError(f'no requirements known for a {type(cfg).__name__}: expected a pre-training, ERM, fine-tuning, JTT, course or contrastive config')
     data = _dataset_files(base.dataset) if base.dataset in REAL_DATASETS else []
     weights = [_weights(_IMAGENET_FILES[base.arch])] if base.init == 'imagenet' else []
     return dict(data=data, weights=weights)
@@ -150,7 +201,9 @@ def _present(p:Path)->bool: # a folder must not be empty; an MNIST IDX file may 
 # %% ../nbs/14_plan.ipynb #5a26fb19
 def _summary(kind, cfg)->str:
     d = dataclasses.asdict(cfg)
-    keys = {'erm': ('arch', 'init', 'epochs', 'lr', 'batch_size'), 'finetune': ('criterion', 'kick_in', 'epochs', 'lr', 'frac', 'sup_loss', 'lam'),
+    keys = {'erm': ('arch', 'init', 'contrast', 'jitter', 'epochs', 'lr', 'batch_size'), 'pretrain': ('dataset', 'arch', 'epochs', 'lr'),
+            'course-erm': ('difficulty', 'strength', 'epochs'), 'course-jtt': ('difficulty', 'strength', 'epochs'),
+            'contrastive': ('strength', 'contrast', 'jitter', 'epochs'), 'finetune': ('criterion', 'kick_in', 'epochs', 'lr', 'frac', 'sup_loss', 'lam'),
             'jtt': ('id_epoch', 'upweight', 'epochs')}.get(kind, ('epochs',))
     return ', '.join(f'{k}={d[k]}' for k in keys if k in d)
 

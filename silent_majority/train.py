@@ -16,16 +16,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .core import (CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights, numerics_record,
-                                  seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads)
-from .data import GroupDataset, spurious_mnist, load_waterbirds, load_celeba, to_float, augment
-from .models import TRANSFORMER_ARCHS, build_model, load_weights, outputs_probabilities, weights_file
+                                  seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads, environ)
+from .data import GroupDataset, spurious_mnist, sklearn_digits, load_waterbirds, load_celeba, to_float, augment
+from .models import TRANSFORMER_ARCHS, build_model, classifier_name, load_weights, outputs_probabilities, weights_file
 
 # %% auto #0
-__all__ = ['SCALES', 'TRAIN_PRESETS', 'SYNTHETIC_DATASETS', 'REAL_DATASETS', 'AMP_MODES', 'PAPER_KEEP_EPOCHS', 'RESUME_KEYS',
-           'predict', 'group_metrics', 'evaluate', 'ERMConfig', 'erm_config', 'load_splits', 'make_model',
-           'amp_context', 'grad_scaler', 'dist_env', 'init_distributed', 'shard_batch', 'predict_ranks',
-           'train_weights', 'train_epoch', 'autotune_kernels', 'train_erm', 'group_table', 'kept_epoch', 'ERMRun',
-           'metrics_frame', 'drop_resume_state', 'cached_training', 'cached_erm']
+__all__ = ['SCALES', 'TRAIN_PRESETS', 'SYNTHETIC_DATASETS', 'REAL_DATASETS', 'AMP_MODES', 'PAPER_KEEP_EPOCHS', 'REGIMES',
+           'DEFAULT_REGIME', 'PRETRAIN_EPOCHS', 'RESUME_KEYS', 'predict', 'group_metrics', 'evaluate', 'ERMConfig',
+           'regime_of', 'erm_config', 'load_splits', 'make_model', 'PretrainConfig', 'pretrain_of', 'load_backbone',
+           'PretrainRun', 'cached_pretrain', 'amp_context', 'grad_scaler', 'dist_env', 'init_distributed',
+           'shard_batch', 'predict_ranks', 'train_weights', 'train_epoch', 'autotune_kernels', 'train_erm',
+           'group_table', 'kept_epoch', 'ERMRun', 'metrics_frame', 'drop_resume_state', 'cached_training', 'cached_erm']
 
 # %% ../nbs/03_train.ipynb #4658d596
 def predict(
@@ -92,22 +93,24 @@ class ERMConfig:
     plateau_patience:int=3
     augment:bool=False              # RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3) + flip, on the device
     softmax_output:bool=False       # the released code's model outputs probabilities
-    init:str='scratch'              # 'scratch' | 'imagenet' (weights from `SM_WEIGHTS`, never downloaded)
+    init:str='scratch'              # 'scratch' | 'imagenet' (weights from `SM_WEIGHTS`, never downloaded) | 'digits' (a cached `pretrain` run)
     keep_epochs:tuple=()            # epochs whose weights later stages need (kick-in, rewinding)
     image_size:int=224              # real datasets only
     n_train:int|None=None           # spurious MNIST: cap on the training split (None = as many as the digits allow)
     n_eval_per_group:int|None=None  # spurious MNIST: val/test examples per group (None = as many as allowed)
+    contrast:float=1.0              # spurious MNIST: the two colours pulled toward their mean (1 = the preset's colours)
+    jitter:float=0.0                # spurious MNIST: per-image colour jitter, uniform in +-jitter per RGB channel
     amp:str|None=None               # mixed precision for training only: 'bf16' | 'fp16' (CUDA) | None (fp32)
     channels_last:bool=False        # train a convolutional model (and its inputs) in channels-last layout, on CUDA (the CPU keeps the standard layout)
     keep_resume_state:bool=False    # a finished run keeps optimizer/scheduler state in `last` (else weights only)
 
-    HASH_OMIT_DEFAULTS = ('amp', 'channels_last', 'keep_resume_state')   # at their defaults: the hash of before
+    HASH_OMIT_DEFAULTS = ('amp', 'channels_last', 'keep_resume_state', 'contrast', 'jitter')   # at their defaults: the hash of before
 
     def __post_init__(self):   # every field's type (core.check_fields), then the ranges and choices
         check_fields(self, dataset=SYNTHETIC_DATASETS + REAL_DATASETS, preset=TRAIN_PRESETS, scale=SCALES,
-                     init=('scratch', 'imagenet'), amp=AMP_MODES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0',
+                     init=('scratch', 'imagenet', 'digits'), amp=AMP_MODES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0',
                      weight_decay='>=0', plateau_factor='(0, 1)', plateau_patience='>=1', image_size='>=1',
-                     n_train='>=1', n_eval_per_group='>=1')
+                     n_train='>=1', n_eval_per_group='>=1', contrast='[0, 1]', jitter='[0, 255]')
         bad = [e for e in self.keep_epochs if not isinstance(e, (int, np.integer)) or isinstance(e, bool)]
         if bad: raise TypeError(f'ERMConfig.keep_epochs must hold ints (epochs), got {bad}')
         self.keep_epochs = tuple(sorted(set(int(e) for e in self.keep_epochs)))
@@ -130,6 +133,18 @@ PAPER_KEEP_EPOCHS = {                  # the ERM epochs later stages read at pap
     'waterbirds': (0, 10, 20, 30, 35, 40),
     'celeba':     (0, 10, 19, 20, 30, 35, 40),
 }
+REGIMES = {   # the stand-ins' regimes at smoke and cpu scale: name -> stand-in -> settings (chosen in nbs/paper/calibration.ipynb)
+    'scratch':    {d: dict(init='scratch', contrast=1.0, jitter=0.0) for d in SYNTHETIC_DATASETS},   # the setting before calibration
+    'calibrated': {'waterbirds_like': dict(init='digits', contrast=0.3, jitter=40.0),   # a backbone pre-trained on a disjoint
+                   'celeba_like':     dict(init='digits', contrast=0.5, jitter=20.0)},  # digit source; a fainter, jittered colour
+}
+DEFAULT_REGIME = {'smoke': 'scratch', 'cpu': 'calibrated'}
+
+def regime_of(cfg)->str|None: # an ERMConfig
+    "The name of the regime whose settings `cfg` has ('custom' if none; None at paper scale, which uses the real data)."
+    if cfg.scale == 'paper': return None
+    return next((k for k, v in REGIMES.items() if cfg.dataset in v and all(getattr(cfg, f) == x for f, x in v[cfg.dataset].items())), 'custom')
+
 _PAPER_PRESETS = {
     'paper':         dict(lr=1e-4, epochs=100, init='imagenet', softmax_output=False),
     'official_code': dict(lr=5e-6, epochs=101, init='scratch', softmax_output=True),
@@ -140,11 +155,14 @@ def erm_config(
     scale:str='cpu',               # 'smoke' | 'cpu' | 'paper'
     preset:str='paper',            # 'paper' | 'official_code'
     seed:int=0,
+    regime:str|None=None,          # smoke/cpu: a key of `REGIMES`; None -> the scale's `DEFAULT_REGIME`
     **overrides,                   # any `ERMConfig` field
 )->ERMConfig:
-    "The ERM config of a scale and a preset, with `overrides` on top."
+    "The ERM config of a scale, a preset and (below paper scale) a regime, with `overrides` on top."
     _check('scale', scale, SCALES); _check('preset', preset, TRAIN_PRESETS)
     kw = dict(dataset=dataset, scale=scale, preset=preset, seed=seed, **_SCALE_SETTINGS[scale])
+    if scale != 'paper': _check('regime', regime or DEFAULT_REGIME[scale], REGIMES); kw.update(REGIMES[regime or DEFAULT_REGIME[scale]].get(dataset, {}))
+    elif regime is not None: raise ValueError(f'regime {regime!r} is a setting of the spurious-MNIST stand-ins: at paper scale pass regime=None')
     if scale == 'paper':
         kw.update(_PAPER_PRESETS[preset])
         if dataset in SYNTHETIC_DATASETS: kw['dataset'] = {'waterbirds_like': 'waterbirds', 'celeba_like': 'celeba'}[dataset]
@@ -165,22 +183,94 @@ def erm_config(
 def load_splits(cfg:ERMConfig)->dict: # {'train', 'val', 'test'} -> GroupDataset
     "The three splits a config trains and evaluates on."
     if cfg.dataset in SYNTHETIC_DATASETS:
-        return {s: spurious_mnist(s, preset=cfg.dataset, seed=cfg.seed, n_train=cfg.n_train,
-                                  n_eval_per_group=cfg.n_eval_per_group) for s in ('train', 'val', 'test')}
+        return {s: spurious_mnist(s, preset=cfg.dataset, seed=cfg.seed, n_train=cfg.n_train, n_eval_per_group=cfg.n_eval_per_group,
+                                  contrast=cfg.contrast, jitter=cfg.jitter) for s in ('train', 'val', 'test')}
     loader = load_waterbirds if cfg.dataset == 'waterbirds' else load_celeba
     return {s: loader(split=s, size=cfg.image_size) for s in ('train', 'val', 'test')}
 
 _IMAGENET_FILES = {'resnet50': 'resnet50-11ad3fa6.pth', 'vit_s16': 'deit_small_patch16_224-cd65a155.pth'}
 
 def make_model(cfg:ERMConfig, n_classes:int=2, in_ch:int=3)->nn.Module:
-    "A freshly initialised model for `cfg` (ImageNet weights read from `SM_WEIGHTS` when `init='imagenet'`)."
+    "A freshly initialised model for `cfg`: ImageNet weights read from `SM_WEIGHTS` (`init='imagenet'`), or the backbone of the cached `pretrain` run (`init='digits'`, trained first if missing), under a new classifier."
     weights = None
     if cfg.init == 'imagenet':
         if cfg.arch not in _IMAGENET_FILES:
             raise ValueError(f"init='imagenet' needs an arch with ImageNet weights: {list(_IMAGENET_FILES)}, got {cfg.arch!r}")
         weights = weights_file(_IMAGENET_FILES[cfg.arch])
-    return build_model(cfg.arch, n_classes=n_classes, in_ch=in_ch, softmax_output=cfg.softmax_output,
-                       weights_path=weights, seed=cfg.seed, **cfg.arch_kwargs)
+    m = build_model(cfg.arch, n_classes=n_classes, in_ch=in_ch, softmax_output=cfg.softmax_output,
+                    weights_path=weights, seed=cfg.seed, **cfg.arch_kwargs)
+    if cfg.init == 'digits': load_backbone(m, cached_pretrain(pretrain_of(cfg)).backbone())
+    return m
+
+# %% ../nbs/03_train.ipynb #29746165
+PRETRAIN_EPOCHS = {'smoke': 2, 'cpu': 30, 'paper': 30}
+
+@dataclass
+class PretrainConfig:
+    "Everything that determines a pre-training run (and so its cache folder): the backbone `init='digits'` starts from."
+    dataset:str='sklearn_digits'    # the digit source (disjoint from MNIST); the only one
+    arch:str='small_resnet'
+    arch_kwargs:dict=field(default_factory=dict)
+    scale:str='cpu'                 # 'smoke' | 'cpu' | 'paper'
+    seed:int=0                      # model init, batch order, background colours
+    epochs:int=30
+    batch_size:int=64
+    lr:float=1e-3                   # Adam, no weight decay
+
+    def __post_init__(self):
+        check_fields(self, dataset=('sklearn_digits',), scale=SCALES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0')
+
+def pretrain_of(cfg:ERMConfig)->PretrainConfig:
+    "The pre-training run an `init='digits'` ERM config starts from: same architecture and scale."
+    if cfg.init != 'digits': raise ValueError(f"only init='digits' starts from a pre-training run, this config has init={cfg.init!r}")
+    return PretrainConfig(arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), scale=cfg.scale, epochs=PRETRAIN_EPOCHS[cfg.scale])
+
+def _backbone_keys(model:nn.Module)->set: # every weight but the classifier's
+    head = classifier_name(model); return {k for k in model.state_dict() if not k.startswith(head + '.')}
+
+def load_backbone(model:nn.Module, state:dict)->nn.Module:
+    "Load a pre-trained backbone (every weight but the classifier) into `model`; its own classifier is kept."
+    want = _backbone_keys(model); got = set(state)
+    if got != want: raise ValueError(f'the backbone does not fit {type(model).__name__}: missing {sorted(want - got)[:5]}, '
+                                     f'unexpected {sorted(got - want)[:5]} (expected the weights of the same arch and widths)')
+    sd = model.state_dict()
+    bad = [k for k in want if sd[k].shape != state[k].shape]
+    if bad: raise ValueError(f'the backbone does not fit {type(model).__name__}: shapes differ at {bad[:5]}')
+    model.load_state_dict({**sd, **state}); return model
+
+def _pretrain(cfg:PretrainConfig, device=None)->tuple[dict, dict]: # (backbone weights, result)
+    ds = sklearn_digits(cfg.seed); device = get_device(device)
+    with training_threads(cfg) as threads:
+        model = build_model(cfg.arch, n_classes=ds.n_classes, seed=cfg.seed, **cfg.arch_kwargs).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr); t0 = time.perf_counter(); history = []
+        for epoch in tqdm(range(cfg.epochs), desc='pre-training', disable=not show_progress(), leave=False):
+            model.train(); total = 0.0
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            for i in range(0, len(ds), cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                loss = F.cross_entropy(model(to_float(ds.x[idx].to(device), ds.mean, ds.std)), ds.y[idx].to(device))
+                opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); total += loss.item() * len(idx)
+            history.append(total / len(ds))
+        acc = evaluate(model, ds, device=device)['mean_acc']
+    keep = _backbone_keys(model)
+    return ({k: v for k, v in cpu_weights(model).items() if k in keep},
+            dict(train_loss=history, train_acc=acc, seconds=time.perf_counter() - t0, n_images=len(ds),
+                 torch_threads=threads, numerics=numerics_record()))
+
+class PretrainRun(CachedRun):
+    "A finished pre-training run from the cache."
+    def __repr__(self): return f'PretrainRun({self.run.dir.name}, train accuracy {self.result["train_acc"]:.3f})'
+    def load_splits(self)->dict: return {'train': sklearn_digits(self.cfg.seed)}
+    def backbone(self)->dict: return self.run.load_checkpoint('backbone')
+
+def cached_pretrain(cfg:PretrainConfig, device=None)->PretrainRun:
+    "Pre-train the backbone of `cfg` once; later calls, in any process, load it from the run cache."
+    if not isinstance(cfg, PretrainConfig): raise TypeError(f'expected a PretrainConfig (see pretrain_of), got {type(cfg).__name__}')
+    def fn(run):
+        state, res = _pretrain(cfg, device); run.save_checkpoint('backbone', state); return res
+    run, res = cached_run(cfg, fn, kind='pretrain')
+    return PretrainRun(cfg, run, res)
+
 
 # %% ../nbs/03_train.ipynb #3994fe15
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}

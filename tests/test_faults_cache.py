@@ -293,13 +293,21 @@ def test_a_bad_config_field_names_the_field_and_the_expected_type(what):
 
 def test_existing_configs_keep_their_hashes():
     "The checks change no value: every cached run keeps its folder (hashes of the configs as they were)."
-    assert [config_hash(erm_config(scale=s)) for s in ('smoke', 'cpu', 'paper')] == ['f0f6a8dbb888', 'ce0a1f0a1e9e', 'bcbbfefcfaf6']
-    assert [config_hash(finetune_config(scale=s)) for s in ('smoke', 'cpu', 'paper')] == ['da9be101d3a5', 'b15c6488abde', 'da999dda8abe']
-    assert [config_hash(jtt_config(scale=s)) for s in ('smoke', 'cpu', 'paper')] == ['50c6256274ec', '0bee439f547e', 'b9643fb50d95']
-    assert [config_hash(contrastive_config(s)) for s in ('smoke', 'cpu', 'paper')] == ['40faa5c07871', 'bf30c1f857f2', '75292f1fa590']
+    # the regime before calibration ('scratch', the smoke default) files runs where they always were
+    old = lambda s: {} if s == 'paper' else {'regime': 'scratch'}
+    assert [config_hash(erm_config(scale=s, **old(s))) for s in ('smoke', 'cpu', 'paper')] == ['f0f6a8dbb888', 'ce0a1f0a1e9e', 'bcbbfefcfaf6']
+    assert [config_hash(finetune_config(scale=s, erm_overrides=old(s))) for s in ('smoke', 'cpu', 'paper')] == ['da9be101d3a5', 'b15c6488abde', 'da999dda8abe']
+    assert [config_hash(jtt_config(scale=s, erm_overrides=old(s))) for s in ('smoke', 'cpu', 'paper')] == ['50c6256274ec', '0bee439f547e', 'b9643fb50d95']
+    assert config_hash(finetune_config(scale='smoke')) == 'da9be101d3a5'                 # smoke's default regime is 'scratch'
+    assert config_hash(finetune_config(scale='cpu')) != 'b15c6488abde'                   # cpu's is not: new runs
+    assert [config_hash(contrastive_config(s, **({'strength': 0.9} if s == 'cpu' else {}))) for s in ('smoke', 'cpu', 'paper')] == \
+        ['40faa5c07871', 'bf30c1f857f2', '75292f1fa590']                                   # cpu's correlation moved to 0.6 (calibration)
+    assert contrastive_config('cpu').strength == 0.6
     # course models moved once, on purpose: `data_version=2` files models of SpuCo's SpuCoMNIST rules apart from earlier ones
-    assert [config_hash(course_config(s, m)) for s in ('cpu', 'paper') for m in ('erm', 'jtt')] == \
-        ['60a32d41ed43', 'b9cb7851e686', '0a56e473bfb8', 'f38c77a47283']
+    # cpu course models moved again with the calibrated difficulty; the SpuCo default difficulty keeps the folders of before
+    assert [config_hash(course_config('cpu', m, difficulty='magnitude_large')) for m in ('erm', 'jtt')] == ['60a32d41ed43', 'b9cb7851e686']
+    assert [config_hash(course_config('paper', m)) for m in ('erm', 'jtt')] == ['0a56e473bfb8', 'f38c77a47283']
+    assert course_config('cpu').difficulty == 'variance_low'
 
 
 BAD_ARGS = {

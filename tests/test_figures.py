@@ -128,7 +128,7 @@ def test_dry_run_names_what_is_missing(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     out = proc.stdout
-    assert 'fig1_group_gap: 1 run(s)' in out and 'fig6_finetune_wga: 40 run(s)' in out
+    assert 'fig1_group_gap: 3 run(s)' in out and 'fig6_finetune_wga: 40 run(s)' in out   # fig1's seeds are fig6's first three
     assert f"MISSING  {tmp_path / 'data' / 'waterbird_complete95_forest2water2' / 'metadata.csv'}" in out
     assert 'MISSING  $SM_WEIGHTS (unset)/resnet50-11ad3fa6.pth' in out
     assert '40 distinct runs, 40 still to train' in out
@@ -140,9 +140,11 @@ def test_fig1_outputs(smoke_run):
     df = pd.read_csv(tmp / 'figures' / 'fig1_group_gap.csv')
     assert set(df.split) == {'train', 'test'} and sorted(df.group.unique()) == [0, 1, 2, 3]
     assert df.acc.between(0, 1).all()
-    assert df[df.split == 'train'].minority.tolist() == [False, True, True, False]
+    assert sorted(df.seed.unique()) == [0, 1]                                   # two seeds at smoke scale
+    assert all(g.sort_values('group').minority.tolist() == [False, True, True, False] for _, g in df[df.split == 'train'].groupby('seed'))
     side = json.loads((tmp / 'figures' / 'fig1_group_gap.json').read_text())
-    assert isinstance(side['summary']['claim_holds'], bool)
+    assert isinstance(side['summary']['claim_holds'], bool) and len(side['summary']['holds_per_seed']) == 2
+    assert side['summary']['regime'] == side['params']['regime'] == 'scratch'   # smoke's regime, recorded
     assert side['configs'][0]['scale'] == 'smoke' and side['configs'][0]['arch'] == 'tiny_cnn'
 
 
