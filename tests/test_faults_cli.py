@@ -84,7 +84,7 @@ def test_bad_seed_or_workers_is_refused_before_anything_runs(sandbox, case):
 
 def test_seed_zero_is_accepted(sandbox):
     rc, out, err = _main('--scale', 'smoke', '--only', FIG, '--dry-run', '--seed', '0')
-    assert rc != 2 and f'{FIG}: 1 run(s)' in out, out + err
+    assert rc != 2 and f'{FIG}: 2 run(s)' in out and 'seed 0 ' in out, out + err   # fig1 reads two ERM seeds at smoke scale
 
 
 # A figure whose sidecar was deleted or damaged: the gallery names the file, warns, and shows the others.
