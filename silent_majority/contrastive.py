@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 from .core import CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads, numerics_record
-from .data import GroupDataset, SPLITS, mnist_digits, colorize, cue_colors, jitter_offsets, to_float, augment
+from .data import GroupDataset, SPLITS, mnist_digits, colorize, cue_colors, check_jitter, jitter_offsets, to_float, augment
 from .classify import embeddings, linear_probe
 from .models import load_weights
 
@@ -80,7 +80,7 @@ def color_mnist4(
                                     or n_per_digit < 1):
         raise ValueError(f'n_per_digit must be a positive int or None, got {n_per_digit!r}')
     digit_colors, colors = _check_digit_colors(digit_colors), _check_colors4(colors)
-    painted = cue_colors(colors, contrast); jitter_offsets(jitter, 0, [0])     # both checked before any work
+    painted = cue_colors(colors, contrast); check_jitter(jitter)                # both checked before any work
     def build(s):
         d = mnist_digits(s, root); rng = np.random.default_rng([int(seed), SPLITS.index(s), 4])
         keep = _pick(d.labels.numpy(), n_per_digit, rng); labels = d.labels.numpy()[keep]

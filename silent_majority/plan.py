@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 from .core import cache_dir, config_hash, data_dir, run_name
 from .data import MNIST_FILES
-from .train import ERMConfig, PretrainConfig, erm_config, pretrain_of, REAL_DATASETS, SYNTHETIC_DATASETS, _IMAGENET_FILES
+from .train import ERMConfig, PretrainConfig, erm_config, REAL_DATASETS, SYNTHETIC_DATASETS, _IMAGENET_FILES
 from .finetune import FinetuneConfig, JTTConfig, finetune_config, jtt_same_budget, erm_of
-from .classify import CourseConfig, course_config, SPUCO_DIFFICULTIES
+from .classify import CourseConfig, course_config
 from .contrastive import ContrastiveConfig, contrastive_config
+from .cluster import Task
 
 # %% auto #0
 __all__ = ['FIG1_SEEDS', 'STAGE1_SEEDS', 'CALIBRATION_SEEDS', 'CALIBRATION_GRID', 'COURSE_DIFFICULTY_GRID', 'CONTRASTIVE_GRID',
@@ -132,7 +133,7 @@ FIGURE_RUNS = {   # figure id -> (default dataset, function(dataset, scale, seed
 
 def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0, arch:str|None=None,
                 search:bool|None=None, # the calibration notebook's `search` (None: its default)
-               )->list[tuple]: # [(kind, config)], no repeats; a pre-training run before the first ERM run that starts from it
+               )->list[tuple]: # [(kind, config)], no repeats; every run after the ones it starts from (`cluster.Task.chain`)
     "The runs figure notebook `figure` asks the run cache for, with these parameters (None: the notebook's default)."
     if figure not in FIGURE_RUNS: raise ValueError(f'unknown figure {figure!r}: expected one of {list(FIGURE_RUNS)}')
     default, fn = FIGURE_RUNS[figure]
@@ -142,9 +143,8 @@ def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0
     runs = fn(dataset or default, scale, seed, search) if figure == 'calibration' else (fn(dataset or default, scale, seed, arch) if arch else fn(dataset or default, scale, seed))
     out, seen = [], set()
     for kind, cfg in runs:
-        pre = [('pretrain', pretrain_of(cfg))] if kind == 'erm' and cfg.init == 'digits' else []
-        for k, c in pre + [(kind, cfg)]:
-            if (key := run_name(k, c)) not in seen: seen.add(key); out.append((k, c))
+        for t in Task(kind, cfg).chain():     # e.g. the pre-training an ERM run starts from
+            if t.name not in seen: seen.add(t.name); out.append((t.kind, t.config))
     return out
 
 PLAN_PARAMETERS = ('dataset', 'seed', 'arch', 'search')   # the notebook parameters a plan follows (scale and out_dir aside)

@@ -239,22 +239,16 @@ def load_backbone(model:nn.Module, state:dict)->nn.Module:
     model.load_state_dict({**sd, **state}); return model
 
 def _pretrain(cfg:PretrainConfig, device=None)->tuple[dict, dict]: # (backbone weights, result)
+    from silent_majority.classify import fit_classifier     # the course's plain classification loop (classify imports this module)
     ds = sklearn_digits(cfg.seed); device = get_device(device)
     with training_threads(cfg) as threads:
-        model = build_model(cfg.arch, n_classes=ds.n_classes, seed=cfg.seed, **cfg.arch_kwargs).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr); t0 = time.perf_counter(); history = []
-        for epoch in tqdm(range(cfg.epochs), desc='pre-training', disable=not show_progress(), leave=False):
-            model.train(); total = 0.0
-            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            for i in range(0, len(ds), cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                loss = F.cross_entropy(model(to_float(ds.x[idx].to(device), ds.mean, ds.std)), ds.y[idx].to(device))
-                opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); total += loss.item() * len(idx)
-            history.append(total / len(ds))
+        model = build_model(cfg.arch, n_classes=ds.n_classes, seed=cfg.seed, **cfg.arch_kwargs); t0 = time.perf_counter()
+        fit_classifier(model, ds, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer='adam', weight_decay=0.0,
+                       seed=cfg.seed, device=device, desc='pre-training')
         acc = evaluate(model, ds, device=device)['mean_acc']
     keep = _backbone_keys(model)
     return ({k: v for k, v in cpu_weights(model).items() if k in keep},
-            dict(train_loss=history, train_acc=acc, seconds=time.perf_counter() - t0, n_images=len(ds),
+            dict(train_loss=model.history, train_acc=acc, seconds=time.perf_counter() - t0, n_images=len(ds),
                  torch_threads=threads, numerics=numerics_record()))
 
 class PretrainRun(CachedRun):
