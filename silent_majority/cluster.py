@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 import silent_majority
 from .core import atomic_write, cache_dir, config_dict, run_name, show_progress, training_threads
 from .train import (ERMConfig, PretrainConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm,
-                                   cached_pretrain, erm_config, pretrain_of)
+                                   cached_pretrain, erm_config, pretrain_of, PRETRAIN_INITS)
 from .finetune import (FinetuneConfig, JTTConfig, MASK_CRITERIA, cached_finetune, cached_jtt, erm_of,
                        finetune_config, jtt_config, jtt_same_budget)
 from .classify import CourseConfig, course_model
@@ -70,9 +70,9 @@ class Task:
         return cls(d['kind'], ccls(**d['config']))
 
     def needs(self)->Task|None:
-        "The task this one starts from: a fine-tuning's or JTT's ERM run, an `init='digits'` ERM run's pre-training; None for the others."
+        "The task this one starts from: a fine-tuning's or JTT's ERM run, a pre-trained (`init='digits'`, `'digits_affine'`) ERM run's pre-training; None for the others."
         if self.kind in ('finetune', 'jtt'): return Task('erm', erm_of(self.config))
-        if self.kind == 'erm' and self.config.init == 'digits': return Task('pretrain', pretrain_of(self.config))
+        if self.kind == 'erm' and self.config.init in PRETRAIN_INITS: return Task('pretrain', pretrain_of(self.config))
         return None
 
     def chain(self)->list[Task]:
@@ -106,7 +106,8 @@ COST_PER_EPOCH = {'pretrain': 0.8, 'erm': 1.0, 'jtt': 1.8, 'finetune': 1.8, 'con
 
 def task_cost(task)->float: # in ERM epochs
     "A rough training cost, for ordering only: the task's epochs times its kind's cost of an epoch over an ERM epoch's (measured at cpu scale on one thread)."
-    t = as_task(task); return COST_PER_EPOCH[t.kind] * t.config.epochs
+    t = as_task(task); images = 1 + t.config.affine_copies if t.kind == 'pretrain' else 1   # warped copies make an epoch longer
+    return COST_PER_EPOCH[t.kind] * t.config.epochs * images
 
 def priorities(tasks)->dict: # run name -> priority (higher starts first)
     "Each scheduled task's cost plus that of the longest chain of tasks waiting on it: the longest chains start first, so no worker waits at the end for an ERM run."

@@ -18,13 +18,14 @@ from .core import (
     cache_dir, data_dir, repo_root, atomic_path, atomic_write, file_sha256, CorruptFileError, show_progress)
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SPLITS', 'MNIST_FILES', 'PRESETS', 'WATERBIRDS_HEADER', 'WATERBIRDS_GROUPS',
-           'WATERBIRDS_SPECIES', 'CELEBA_GROUPS', 'CELEBA_ATTRS', 'SPUCO_CLASSES', 'SPUCO_DIFFICULTIES',
-           'SPUCO_DEFAULT_STRENGTH', 'GroupDataset', 'read_idx', 'Digits', 'mnist_digits', 'preset_group_sizes',
-           'colorize', 'cue_colors', 'check_jitter', 'jitter_offsets', 'spurious_mnist', 'sklearn_digits', 'to_rgb',
-           'eval_transform', 'decode_images', 'dataset_cache_path', 'cached_images', 'load_waterbirds',
-           'waterbirds_fixture', 'load_celeba', 'celeba_fixture', 'to_float', 'crop_boxes', 'resized_crop', 'augment',
-           'spuco_colors', 'color_name', 'spuco_masks', 'spuco_class_colors', 'spuco_train_counts', 'spuco_mnist']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SPLITS', 'MNIST_FILES', 'PRESETS', 'AFFINE_WARP', 'WATERBIRDS_HEADER',
+           'WATERBIRDS_GROUPS', 'WATERBIRDS_SPECIES', 'CELEBA_GROUPS', 'CELEBA_ATTRS', 'SPUCO_CLASSES',
+           'SPUCO_DIFFICULTIES', 'SPUCO_DEFAULT_STRENGTH', 'GroupDataset', 'read_idx', 'Digits', 'mnist_digits',
+           'preset_group_sizes', 'colorize', 'cue_colors', 'check_jitter', 'jitter_offsets', 'spurious_mnist',
+           'affine_warp', 'sklearn_digits', 'to_rgb', 'eval_transform', 'decode_images', 'dataset_cache_path',
+           'cached_images', 'load_waterbirds', 'waterbirds_fixture', 'load_celeba', 'celeba_fixture', 'to_float',
+           'crop_boxes', 'resized_crop', 'augment', 'spuco_colors', 'color_name', 'spuco_masks', 'spuco_class_colors',
+           'spuco_train_counts', 'spuco_mnist']
 
 # %% ../nbs/01_data.ipynb #7970f3d4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -322,23 +323,51 @@ def spurious_mnist(
                         source=f'{d.source}, backgrounds coloured {colors}{how}', train_counts=train_counts)
 
 # %% ../nbs/01_data.ipynb #35757621
+AFFINE_WARP = dict(degrees=15.0, scale=(0.85, 1.15), shear=10.0, shift=2.0)   # the warps of `sklearn_digits(affine_copies=...)`
+
+def affine_warp(
+    ink:torch.Tensor,  # float N x 1 x H x W, background 0
+    rng,               # a numpy Generator: draws each image's warp
+    degrees:float=AFFINE_WARP['degrees'], scale:tuple=AFFINE_WARP['scale'],
+    shear:float=AFFINE_WARP['shear'], shift:float=AFFINE_WARP['shift'],
+)->torch.Tensor:       # the same shape, each image rotated, scaled, sheared and shifted (bilinear; zero outside)
+    "Each image under its own random affine warp: rotation +-`degrees`, scale in `scale`, shear +-`shear` degrees, shift +-`shift` pixels."
+    if ink.ndim != 4 or ink.shape[1] != 1 or not ink.is_floating_point():
+        raise ValueError(f'ink must be a float tensor N x 1 x H x W, got {ink.dtype} {tuple(ink.shape)}')
+    n, (h, w) = len(ink), ink.shape[-2:]
+    u = lambda lo, hi: torch.from_numpy(rng.uniform(lo, hi, n)).float()
+    rot, s, sh = u(-degrees, degrees).deg2rad(), u(*scale), u(-shear, shear).deg2rad()
+    tx, ty = u(-shift, shift) * 2 / w, u(-shift, shift) * 2 / h           # pixels -> affine_grid's [-1, 1] units
+    c, si = rot.cos(), rot.sin()
+    fwd = torch.stack([torch.stack([c * s, (c * sh.tan() - si) * s], -1),   # rotation @ shear @ scale
+                       torch.stack([si * s, (si * sh.tan() + c) * s], -1)], -2)
+    inv = torch.linalg.inv(fwd)                                             # the grid maps output pixels back to input ones
+    theta = torch.cat([inv, -(inv @ torch.stack([tx, ty], -1)[..., None])], -1)
+    grid = F.affine_grid(theta, list(ink.shape), align_corners=False)
+    return F.grid_sample(ink, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
 def sklearn_digits(
-    seed:int=0,   # draws each image's background colour
-)->GroupDataset:  # 1,797 images, uint8 N x 3 x 28 x 28, y = digit 0-9, a = 0
+    seed:int=0,           # draws each image's background colour and the copies' warps
+    affine_copies:int=0,  # extra copies of every digit, each under its own random affine warp (`affine_warp`)
+)->GroupDataset:          # 1,797 x (1 + affine_copies) images, uint8 N x 3 x 28 x 28, y = digit 0-9, a = 0
     "scikit-learn's 8 x 8 digits as 28 x 28 colour images on random background colours (a pre-training source disjoint from MNIST)."
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f'seed must be a non-negative int, got {seed!r}')
+    for k, v, lo in (('seed', seed, 0), ('affine_copies', affine_copies, 0)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+            raise ValueError(f'{k} must be a non-negative int, got {v!r}')
     from sklearn.datasets import load_digits     # bundled with scikit-learn: nothing is downloaded
     d = load_digits()
     ink = torch.from_numpy(d.images.astype(np.float32) / 16 * 255).unsqueeze(1)        # N x 1 x 8 x 8, 0..255
-    ink = F.interpolate(ink, size=(20, 20), mode='bilinear', align_corners=False)
-    x = F.pad(ink, (4, 4, 4, 4)).round().clamp(0, 255).to(torch.uint8)[:, 0]          # bilinear stays in 0..255
+    ink = F.pad(F.interpolate(ink, size=(20, 20), mode='bilinear', align_corners=False), (4, 4, 4, 4))
+    if affine_copies:   # bilinear sampling of values in 0..255 stays in 0..255
+        ink = torch.cat([ink, affine_warp(ink.repeat(affine_copies, 1, 1, 1), np.random.default_rng([int(seed), 4]))])
+    x = ink.round().clamp(0, 255).to(torch.uint8)[:, 0]
     n = len(x); colors = np.random.default_rng([int(seed), 3]).integers(0, 256, (n, 3))
+    warped = f', plus {affine_copies} randomly warped cop{"y" if affine_copies == 1 else "ies"} of each' if affine_copies else ''
     return GroupDataset(colorize(x, [tuple(int(v) for v in c) for c in colors], torch.arange(n)),
-                        torch.from_numpy(d.target.astype(np.int64)), torch.zeros(n, dtype=torch.int64),
+                        torch.from_numpy(np.tile(d.target.astype(np.int64), 1 + affine_copies)), torch.zeros(n, dtype=torch.int64),
                         n_classes=10, n_attr=1, group_names=[f'digit {k}' for k in range(10)], name='sklearn_digits',
                         split='train', source='scikit-learn load_digits (1,797 8x8 digits), resized to 20x20 and centred '
-                                              'in 28x28, on a uniformly random background colour per image')
+                                              f'in 28x28{warped}, on a uniformly random background colour per image')
 
 
 # %% ../nbs/01_data.ipynb #8c7afa22

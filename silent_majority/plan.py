@@ -61,6 +61,10 @@ CALIBRATION_GRID = {   # the stand-ins' settings searched in nbs/paper/calibrati
     'pre-trained, faint, jittered colour, lr 5e-4': _setting(init='digits', contrast=0.3, jitter=40.0, lr=5e-4),
     'pre-trained, contrast 0.4, jitter 30': _setting(init='digits', contrast=0.4, jitter=30.0),
     'pre-trained, contrast 0.4, jitter 40': _setting(init='digits', contrast=0.4, jitter=40.0),
+    'pre-trained on warped digits': _setting(init='digits_affine'),   # 4 randomly warped copies of each pre-training digit
+    'pre-trained on warped digits, faint, jittered colour': _setting(init='digits_affine', contrast=0.3, jitter=40.0),
+    'pre-trained on warped digits, fainter colour': _setting(init='digits_affine', contrast=0.5, jitter=20.0),
+    'pre-trained on warped digits, contrast 0.7, jitter 10': _setting(init='digits_affine', contrast=0.7, jitter=10.0),
 }
 COURSE_DIFFICULTY_GRID = ('magnitude_large', 'variance_low', 'magnitude_medium', 'magnitude_small')   # most coloured pixels first
 CONTRASTIVE_GRID = {   # the contrastive data, most spurious first (correlation, then the colour's salience): name -> `contrastive_config` keywords

@@ -22,11 +22,12 @@ from .models import TRANSFORMER_ARCHS, build_model, classifier_name, load_weight
 
 # %% auto #0
 __all__ = ['SCALES', 'TRAIN_PRESETS', 'SYNTHETIC_DATASETS', 'REAL_DATASETS', 'AMP_MODES', 'PAPER_KEEP_EPOCHS', 'REGIMES',
-           'DEFAULT_REGIME', 'PRETRAIN_EPOCHS', 'RESUME_KEYS', 'predict', 'group_metrics', 'evaluate', 'ERMConfig',
-           'regime_of', 'erm_config', 'load_splits', 'make_model', 'PretrainConfig', 'pretrain_of', 'load_backbone',
-           'PretrainRun', 'cached_pretrain', 'amp_context', 'grad_scaler', 'dist_env', 'init_distributed',
-           'shard_batch', 'predict_ranks', 'train_weights', 'train_epoch', 'autotune_kernels', 'train_erm',
-           'group_table', 'kept_epoch', 'ERMRun', 'metrics_frame', 'drop_resume_state', 'cached_training', 'cached_erm']
+           'DEFAULT_REGIME', 'PRETRAIN_EPOCHS', 'PRETRAIN_INITS', 'RESUME_KEYS', 'predict', 'group_metrics', 'evaluate',
+           'ERMConfig', 'regime_of', 'erm_config', 'load_splits', 'make_model', 'PretrainConfig', 'pretrain_of',
+           'load_backbone', 'PretrainRun', 'cached_pretrain', 'amp_context', 'grad_scaler', 'dist_env',
+           'init_distributed', 'shard_batch', 'predict_ranks', 'train_weights', 'train_epoch', 'autotune_kernels',
+           'train_erm', 'group_table', 'kept_epoch', 'ERMRun', 'metrics_frame', 'drop_resume_state', 'cached_training',
+           'cached_erm']
 
 # %% ../nbs/03_train.ipynb #4658d596
 def predict(
@@ -93,7 +94,7 @@ class ERMConfig:
     plateau_patience:int=3
     augment:bool=False              # RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3) + flip, on the device
     softmax_output:bool=False       # the released code's model outputs probabilities
-    init:str='scratch'              # 'scratch' | 'imagenet' (weights from `SM_WEIGHTS`, never downloaded) | 'digits' (a cached `pretrain` run)
+    init:str='scratch'              # 'scratch' | 'imagenet' (weights from `SM_WEIGHTS`, never downloaded) | 'digits' | 'digits_affine' (a cached `pretrain` run)
     keep_epochs:tuple=()            # epochs whose weights later stages need (kick-in, rewinding)
     image_size:int=224              # real datasets only
     n_train:int|None=None           # spurious MNIST: cap on the training split (None = as many as the digits allow)
@@ -108,7 +109,7 @@ class ERMConfig:
 
     def __post_init__(self):   # every field's type (core.check_fields), then the ranges and choices
         check_fields(self, dataset=SYNTHETIC_DATASETS + REAL_DATASETS, preset=TRAIN_PRESETS, scale=SCALES,
-                     init=('scratch', 'imagenet', 'digits'), amp=AMP_MODES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0',
+                     init=('scratch', 'imagenet', 'digits', 'digits_affine'), amp=AMP_MODES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0',
                      weight_decay='>=0', plateau_factor='(0, 1)', plateau_patience='>=1', image_size='>=1',
                      n_train='>=1', n_eval_per_group='>=1', contrast='[0, 1]', jitter='[0, 255]')
         bad = [e for e in self.keep_epochs if not isinstance(e, (int, np.integer)) or isinstance(e, bool)]
@@ -191,7 +192,7 @@ def load_splits(cfg:ERMConfig)->dict: # {'train', 'val', 'test'} -> GroupDataset
 _IMAGENET_FILES = {'resnet50': 'resnet50-11ad3fa6.pth', 'vit_s16': 'deit_small_patch16_224-cd65a155.pth'}
 
 def make_model(cfg:ERMConfig, n_classes:int=2, in_ch:int=3)->nn.Module:
-    "A freshly initialised model for `cfg`: ImageNet weights read from `SM_WEIGHTS` (`init='imagenet'`), or the backbone of the cached `pretrain` run (`init='digits'`, trained first if missing), under a new classifier."
+    "A freshly initialised model for `cfg`: ImageNet weights read from `SM_WEIGHTS` (`init='imagenet'`), or the backbone of the cached `pretrain` run (`init='digits'` or `'digits_affine'`, trained first if missing), under a new classifier."
     weights = None
     if cfg.init == 'imagenet':
         if cfg.arch not in _IMAGENET_FILES:
@@ -199,11 +200,12 @@ def make_model(cfg:ERMConfig, n_classes:int=2, in_ch:int=3)->nn.Module:
         weights = weights_file(_IMAGENET_FILES[cfg.arch])
     m = build_model(cfg.arch, n_classes=n_classes, in_ch=in_ch, softmax_output=cfg.softmax_output,
                     weights_path=weights, seed=cfg.seed, **cfg.arch_kwargs)
-    if cfg.init == 'digits': load_backbone(m, cached_pretrain(pretrain_of(cfg)).backbone())
+    if cfg.init in PRETRAIN_INITS: load_backbone(m, cached_pretrain(pretrain_of(cfg)).backbone())
     return m
 
 # %% ../nbs/03_train.ipynb #29746165
 PRETRAIN_EPOCHS = {'smoke': 2, 'cpu': 30, 'paper': 30}
+PRETRAIN_INITS = {'digits': 0, 'digits_affine': 4}   # ERMConfig.init -> randomly warped copies of each pre-training digit
 
 @dataclass
 class PretrainConfig:
@@ -212,18 +214,24 @@ class PretrainConfig:
     arch:str='small_resnet'
     arch_kwargs:dict=field(default_factory=dict)
     scale:str='cpu'                 # 'smoke' | 'cpu' | 'paper'
-    seed:int=0                      # model init, batch order, background colours
+    seed:int=0                      # model init, batch order, background colours, warps
     epochs:int=30
     batch_size:int=64
     lr:float=1e-3                   # Adam, no weight decay
+    affine_copies:int=0             # randomly warped copies of each digit beside it (`data.sklearn_digits`)
+
+    HASH_OMIT_DEFAULTS = ('affine_copies',)   # at its default: the hash of before
 
     def __post_init__(self):
-        check_fields(self, dataset=('sklearn_digits',), scale=SCALES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0')
+        check_fields(self, dataset=('sklearn_digits',), scale=SCALES, seed='>=0', epochs='>=1', batch_size='>=1', lr='>0',
+                     affine_copies='>=0')
 
 def pretrain_of(cfg:ERMConfig)->PretrainConfig:
-    "The pre-training run an `init='digits'` ERM config starts from: same architecture and scale."
-    if cfg.init != 'digits': raise ValueError(f"only init='digits' starts from a pre-training run, this config has init={cfg.init!r}")
-    return PretrainConfig(arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), scale=cfg.scale, epochs=PRETRAIN_EPOCHS[cfg.scale])
+    "The pre-training run an `init='digits'` (or `'digits_affine'`) ERM config starts from: same architecture and scale."
+    if cfg.init not in PRETRAIN_INITS: raise ValueError(
+        f"only init='digits' or init='digits_affine' starts from a pre-training run, this config has init={cfg.init!r}")
+    return PretrainConfig(arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), scale=cfg.scale, epochs=PRETRAIN_EPOCHS[cfg.scale],
+                          affine_copies=PRETRAIN_INITS[cfg.init])
 
 def _backbone_keys(model:nn.Module)->set: # every weight but the classifier's
     head = classifier_name(model); return {k for k in model.state_dict() if not k.startswith(head + '.')}
@@ -240,7 +248,7 @@ def load_backbone(model:nn.Module, state:dict)->nn.Module:
 
 def _pretrain(cfg:PretrainConfig, device=None)->tuple[dict, dict]: # (backbone weights, result)
     from silent_majority.classify import fit_classifier     # the course's plain classification loop (classify imports this module)
-    ds = sklearn_digits(cfg.seed); device = get_device(device)
+    ds = sklearn_digits(cfg.seed, cfg.affine_copies); device = get_device(device)
     with training_threads(cfg) as threads:
         model = build_model(cfg.arch, n_classes=ds.n_classes, seed=cfg.seed, **cfg.arch_kwargs); t0 = time.perf_counter()
         fit_classifier(model, ds, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer='adam', weight_decay=0.0,
@@ -254,7 +262,7 @@ def _pretrain(cfg:PretrainConfig, device=None)->tuple[dict, dict]: # (backbone w
 class PretrainRun(CachedRun):
     "A finished pre-training run from the cache."
     def __repr__(self): return f'PretrainRun({self.run.dir.name}, train accuracy {self.result["train_acc"]:.3f})'
-    def load_splits(self)->dict: return {'train': sklearn_digits(self.cfg.seed)}
+    def load_splits(self)->dict: return {'train': sklearn_digits(self.cfg.seed, self.cfg.affine_copies)}
     def backbone(self)->dict: return self.run.load_checkpoint('backbone')
 
 def cached_pretrain(cfg:PretrainConfig, device=None)->PretrainRun:
