@@ -136,8 +136,8 @@ PAPER_KEEP_EPOCHS = {                  # the ERM epochs later stages read at pap
 }
 REGIMES = {   # the stand-ins' regimes at smoke and cpu scale: name -> stand-in -> settings (chosen in nbs/paper/calibration.ipynb)
     'scratch':    {d: dict(init='scratch', contrast=1.0, jitter=0.0) for d in SYNTHETIC_DATASETS},   # the setting before calibration
-    'calibrated': {'waterbirds_like': dict(init='digits', contrast=0.3, jitter=40.0),   # a backbone pre-trained on a disjoint
-                   'celeba_like':     dict(init='digits', contrast=0.5, jitter=20.0)},  # digit source; a fainter, jittered colour
+    'calibrated': {'waterbirds_like': dict(init='digits_affine', contrast=0.7, jitter=10.0),   # a backbone pre-trained on disjoint,
+                   'celeba_like':     dict(init='digits_affine', contrast=1.0, jitter=0.0)},    # warped digits; a fainter colour (waterbirds)
 }
 DEFAULT_REGIME = {'smoke': 'scratch', 'cpu': 'calibrated'}
 
