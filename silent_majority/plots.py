@@ -18,8 +18,8 @@ from .core import atomic_path, atomic_write, config_dict, figures_dir, repo_root
 
 # %% auto #0
 __all__ = ['MACHINE_ENV', 'PAPER_NUMBERS', 'GROUP_COLORS', 'git_state', 'package_versions', 'cpu_model', 'machine_info',
-           'save_figure', 'set_style', 'plot_split_groups', 'group_label', 'group_shade', 'clip_err', 'plot_k_bars',
-           'plot_sigma_sweep']
+           'save_figure', 'set_style', 'plot_split_groups', 'group_label', 'group_shade', 'clip_err', 'seed_dots',
+           'plot_k_bars', 'plot_sigma_sweep']
 
 # %% ../nbs/09_plots.ipynb #a27e8d9f
 _T0 = time.time()
@@ -160,6 +160,10 @@ def clip_err(mean, std)->np.ndarray: # 2 x n (lower, upper) in points
     "Error bars of +- std in points (inputs are fractions), the lower one clipped at zero."
     m, s = np.asarray(mean, float) * 100, np.nan_to_num(np.asarray(std, float)) * 100
     return np.vstack([np.minimum(s, m), s])
+
+def seed_dots(ax, xs, vals):   # vals: one array per x, the seeds' values (fractions)
+    "One black dot per seed at each x, in points: the seeds behind a bar of their mean."
+    for xi, v in zip(xs, vals): ax.plot(np.full(len(v), xi), np.asarray(v, float) * 100, 'k.', ms=3, alpha=0.6)
 
 def plot_k_bars(
     ax, d:pd.DataFrame,        # rows with columns group, k and `value` (and `err`), fractions

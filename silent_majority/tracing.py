@@ -20,7 +20,7 @@ from .train import ERMRun, erm_config, cached_erm, kept_epoch
 # %% auto #0
 __all__ = ['CRITERIA', 'PAPER_TRACE_EPOCH', 'model_units', 'unit_of', 'run_units', 'TracingEngine', 'unstructured_tracing',
            'structured_tracing', 'layer_rewinding', 'control_group', 'rank_histograms', 'trace_epoch', 'tracing_engine',
-           'engine_for', 'rewind_references', 'draw_summaries', 'weight_std']
+           'engine_for', 'rewind_references', 'draw_summaries', 'seed_summaries', 'weight_std']
 
 # %% ../nbs/05_tracing.ipynb #8b2d2aab
 class _Fn(nn.Module):
@@ -335,6 +335,18 @@ def draw_summaries(df:pd.DataFrame)->tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     pooled = (df.groupby(key + ['seed', 'minority']).abs_delta.mean()
                 .groupby(key + ['minority']).agg(['mean', 'std']).reset_index())
     return per_group, per_class, pooled
+
+def seed_summaries(df:pd.DataFrame)->tuple[tuple, tuple]: # (per_group, per_class, pooled) per ERM seed, then over the seeds
+    "`draw_summaries` of each ERM seed's rows (`seed`; its draws in `draw_seed`), then the mean and sd over the seeds of each seed's mean over draws."
+    if not {'seed', 'draw_seed'} <= set(df.columns): raise ValueError(f'df needs columns seed (ERM) and draw_seed, got {sorted(df.columns)}')
+    parts = [[x.assign(seed=s) for x in draw_summaries(d.drop(columns='seed').rename(columns={'draw_seed': 'seed'}))]
+             for s, d in df.groupby('seed')]
+    per_seed = tuple(pd.concat(t, ignore_index=True) for t in zip(*parts))
+    def over(t, key):
+        m = t.groupby(key, as_index=False).agg(mean=('mean', 'mean'), std=('mean', 'std'))
+        m['std'] = m['std'].fillna(0.0); return m                      # one seed: no spread
+    key = ['mode', 'sigma', 'criterion']
+    return per_seed, tuple(over(t, key + k) for t, k in zip(per_seed, (['k', 'group'], ['k', 'minority'], ['minority'])))
 
 def weight_std(model:nn.Module, layers)->float: # layer names, e.g. the candidates
     "Standard deviation of the pooled weights of `layers` (the scale a sigma is compared with)."
