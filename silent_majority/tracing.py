@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_tracing.ipynb #31791499
 from __future__ import annotations
-import time
+import collections, time
 from collections.abc import Callable
 import numpy as np
 import pandas as pd
@@ -73,6 +73,7 @@ class TracingEngine:
         dataset:str='',            # name written into result tables
         channels_last:bool=True,   # conv weights channels-last for the forward passes (gradients always use the standard layout)
         threads:int|None=None,     # torch threads for gradient scores, whose sums depend on the count (None: the caller's)
+        prefix_bytes:int=2**30,    # memory for activations kept for reuse (see `modified_acc`); 0: only where `start_layer` asks
     ):
         self.device = get_device(device); self.model = model.eval().to(self.device)
         if channels_last: self.model.to(memory_format=torch.channels_last)
@@ -88,7 +89,10 @@ class TracingEngine:
             with torch.inference_mode(), full_fp32():
                 xb = self._inputs(next(iter(splits)), 0, min(8, len(next(iter(splits.values())))))
                 if not torch.equal(run_units(self.units, xb), self.model(xb)): self.units = None
-        self.passes, self.reused, self._memo, self._prefix = 0, 0, {}, (None, None, None)
+        if not isinstance(prefix_bytes, int) or isinstance(prefix_bytes, bool) or prefix_bytes < 0:
+            raise ValueError(f'prefix_bytes must be an int >= 0, got {prefix_bytes!r}')
+        self.prefix_bytes, self._prefix, self._too_big = prefix_bytes, collections.OrderedDict(), set()
+        self.passes, self.reused, self._memo = 0, 0, {}
         self.baseline = {s: self.group_acc(s) for s in splits}
 
     def _inputs(self, split, i, j):
@@ -96,8 +100,11 @@ class TracingEngine:
 
     def group_acc(self, split:str, start_layer:str|None=None)->np.ndarray: # accuracy per group, in g order
         "Group accuracies of the model as it is now; with `start_layer`, reuse the cached activations before it."
+        start, acts = (0, None) if start_layer is None or self.units is None else self._prefix_acts(split, unit_of(self.units, start_layer))
+        return self._acc(split, start, acts)
+
+    def _acc(self, split, start, acts):
         ds = self.splits[split]; n = len(ds); correct = torch.zeros(ds.n_groups, dtype=torch.float64, device=self.device)
-        start, acts = (0, None) if start_layer is None or self.units is None else self._prefix_acts(split, start_layer)
         with torch.inference_mode(), full_fp32():
             for i in range(0, n, self.batch_size):
                 j = min(n, i + self.batch_size)
@@ -108,15 +115,22 @@ class TracingEngine:
         counts = torch.bincount(self.g[split], minlength=ds.n_groups).double()
         return (correct / counts).cpu().numpy()
 
-    def _prefix_acts(self, split, layer):
-        start = unit_of(self.units, layer)
-        if self._prefix[:2] != (split, start):        # activations entering unit `start`, for the whole split
-            self._prefix = (None, None, None)
-            with torch.inference_mode(), full_fp32():
-                acts = torch.cat([run_units(self.units[:start], self._inputs(split, i, i + self.batch_size))
-                                  for i in range(0, len(self.splits[split]), self.batch_size)])
-            self._prefix = (split, start, acts)
-        return start, self._prefix[2]
+    def _prefix_acts(self, split, start, required=True)->tuple: # (start, activations entering unit `start`) or (0, None)
+        "The whole split's activations entering unit `start`, kept for reuse (the least recently used go first when `prefix_bytes` is full); unless `required`, (0, None) when they would not fit."
+        key = (split, start)
+        if key in self._prefix: self._prefix.move_to_end(key); return start, self._prefix[key]
+        if not required and key in self._too_big: return 0, None
+        n, bs = len(self.splits[split]), self.batch_size
+        with torch.inference_mode(), full_fp32():
+            chunks = [run_units(self.units[:start], self._inputs(split, 0, bs))]
+            need = chunks[0].element_size() * chunks[0][:1].numel() * n
+            if not required and need > self.prefix_bytes: self._too_big.add(key); return 0, None
+            while self._prefix and sum(a.element_size() * a.numel() for a in self._prefix.values()) + need > self.prefix_bytes:
+                self._prefix.popitem(last=False)                    # room first: at most the budget plus this one
+            chunks += [run_units(self.units[:start], self._inputs(split, i, i + bs)) for i in range(bs, n, bs)]
+            acts = torch.cat(chunks)
+        self._prefix[key] = acts
+        return start, acts
 
     def scores(self, criterion:str, group:int|None=None, split:str='train', seed:int=0)->dict:
         "Neuron scores, memoised: magnitude (group-invariant) or the gradient on `group`'s chosen samples."
@@ -137,14 +151,20 @@ class TracingEngine:
         return self._memo[key][:resolve_k(k, n)]
 
     def modified_acc(self, neurons:list, split:str, mode:str='zero', sigma:float=0.0, seed:int=0,
-                     reference=None, start_layer:str|None=None)->np.ndarray:
+                     reference=None,
+                     start_layer:str|None=None, # reuse the activations before this layer (None: before the earliest of `neurons`, if they fit in `prefix_bytes`)
+                    )->np.ndarray:
         "Group accuracies on `split` with `neurons` modified (and restored afterwards); a repeated modification is reused."
         # The same neurons (in the same order: random draws follow it), mode, sigma, seed and reference give the same model.
         key = ('acc', split, tuple(neurons), mode, float(sigma) if mode.startswith('random') else 0.0,
                seed if mode.startswith('random') else 0, id(reference) if mode == 'rewind' else None)
         if key in self._memo: self.reused += 1; return self._memo[key].copy()
         with modify(self.model, neurons, mode, sigma, seed, reference):
-            acc = self.group_acc(split, start_layer)
+            if start_layer is not None or self.units is None: acc = self.group_acc(split, start_layer)
+            else:    # the units before the earliest modified one compute what they computed unmodified
+                try: start = min((unit_of(self.units, l) for l, _ in neurons), default=0)
+                except ValueError: start = 0           # a layer outside the units: a full pass
+                acc = self._acc(split, *(self._prefix_acts(split, start, required=False) if start > 0 else (0, None)))
         if mode != 'rewind': self._memo[key] = acc      # a reference's id can be reused once it is freed
         return acc.copy()
 
