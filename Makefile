@@ -29,13 +29,14 @@ smoke:
 calibrate: setup
 	$(BIN)/sm-regenerate --scale cpu --only calibration -p search=True --workers $(WORKERS)
 
-## Library notebooks' inline tests, then pytest (which runs every figure notebook at smoke scale).
+## Library notebooks' inline tests, then pytest (which runs every figure notebook at smoke scale) in two workers, one test
+## file each at a time (files share module fixtures, such as the smoke regeneration).
 ## The notebooks' scratch folders (tempfile.mkdtemp) go into one folder that is removed afterwards.
 test: setup
 	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
 	  echo "SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2"; \
 	  TMPDIR="$$scratch" SM_PROGRESS=0 $(BIN)/nbdev_test --path nbs --n_workers 2
-	SM_PROGRESS=0 $(BIN)/python -m pytest -q --durations=8 -o tmp_path_retention_policy=failed tests
+	SM_PROGRESS=0 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=8 -o tmp_path_retention_policy=failed tests
 
 ## Speed benchmarks (ratios measured in one process; not a test): writes figures/bench_*.json.
 bench: setup

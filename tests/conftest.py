@@ -15,3 +15,9 @@ def fresh_cache(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'browser: drives JupyterLab in headless Chromium (deselect with -m "not browser")')
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        # `make test` runs two pytest workers (pytest-xdist, one test file each at a time). On a small machine several
+        # torch threads per worker only fight over the cores; a test about thread counts sets its own (test_threads,
+        # test_faults_cache), and the processes a test starts keep torch's default.
+        import torch
+        torch.set_num_threads(1)
