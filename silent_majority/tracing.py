@@ -150,6 +150,13 @@ class TracingEngine:
         if key not in self._memo: self._memo[key] = top_k(sc, n, within_layer)
         return self._memo[key][:resolve_k(k, n)]
 
+    def _reusable_prefix(self, split, neurons)->tuple: # (start, activations) or (0, None): a full pass
+        "The activations entering the earliest unit `neurons` lie in (the units before it compute what they computed unmodified), if they fit in `prefix_bytes`."
+        if self.units is None: return 0, None
+        try: start = min((unit_of(self.units, l) for l, _ in neurons), default=0)
+        except ValueError: return 0, None              # a layer outside the units
+        return self._prefix_acts(split, start, required=False) if start > 0 else (0, None)
+
     def modified_acc(self, neurons:list, split:str, mode:str='zero', sigma:float=0.0, seed:int=0,
                      reference=None,
                      start_layer:str|None=None, # reuse the activations before this layer (None: before the earliest of `neurons`, if they fit in `prefix_bytes`)
@@ -160,11 +167,7 @@ class TracingEngine:
                seed if mode.startswith('random') else 0, id(reference) if mode == 'rewind' else None)
         if key in self._memo: self.reused += 1; return self._memo[key].copy()
         with modify(self.model, neurons, mode, sigma, seed, reference):
-            if start_layer is not None or self.units is None: acc = self.group_acc(split, start_layer)
-            else:    # the units before the earliest modified one compute what they computed unmodified
-                try: start = min((unit_of(self.units, l) for l, _ in neurons), default=0)
-                except ValueError: start = 0           # a layer outside the units: a full pass
-                acc = self._acc(split, *(self._prefix_acts(split, start, required=False) if start > 0 else (0, None)))
+            acc = self.group_acc(split, start_layer) if start_layer is not None else self._acc(split, *self._reusable_prefix(split, neurons))
         if mode != 'rewind': self._memo[key] = acc      # a reference's id can be reused once it is freed
         return acc.copy()
 
