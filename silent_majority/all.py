@@ -6,11 +6,13 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #0abeee29
-from . import core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster
-_MODULES = (core, data, models, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster)  # before `finetune` the function shadows the module
+from . import core, data, models, metrics, claims, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster
+_MODULES = (core, data, models, metrics, claims, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster)  # before `finetune` the function shadows the module
 from .core import *
 from .data import *
 from .models import *
+from .metrics import *
+from .claims import *
 from .train import *
 from .neurons import *
 from .tracing import *

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
 from PIL import Image
-from .core import atomic_write, environ, figures_dir, get_device, to_json
+from .core import SCALES, atomic_write, environ, figures_dir, get_device, to_json
 from .neurons import (apply_modification, gradient_scores, gradient_samples, magnitude_scores, top_k,
                                      GRADIENT_SAMPLE_RULES)
 from .models import outputs_probabilities
@@ -283,7 +283,7 @@ def bench_regenerate(
 def main(argv:list|None=None)->int:
     "`sm-bench [--scale S] [--only tracing finetune explorer numerics regenerate]`: write figures/bench_{tracing,finetune,explorer,numerics,regenerate}.json."
     ap = argparse.ArgumentParser(prog='sm-bench', description='Benchmark the Stage I engine, Stage II fine-tuning and the explorer.')
-    ap.add_argument('--scale', default='cpu', choices=('smoke', 'cpu', 'paper'))
+    ap.add_argument('--scale', default='cpu', choices=SCALES)
     ap.add_argument('--dataset', default='waterbirds_like'); ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--only', nargs='+', choices=('tracing', 'finetune', 'explorer', 'numerics', 'regenerate'),
                     default=['tracing', 'finetune', 'explorer', 'numerics', 'regenerate'])

@@ -14,11 +14,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
-from .core import (CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, numerics_record,
+from .core import (SCALES, CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, numerics_record,
                                   training_threads)
-from .data import GroupDataset, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
+from .data import GroupDataset, HALF_NORM, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
 from .models import LeNet, lenet, load_weights
-from .train import predict, group_metrics
+from .metrics import predict, group_metrics
 
 # %% auto #0
 __all__ = ['COURSE_SCALES', 'COURSE_METHODS', 'COURSE_DATASETS', 'embeddings', 'linear_probe', 'fit_classifier',
@@ -208,7 +208,7 @@ def course_metrics(
     return res
 
 # %% ../nbs/12_classify.ipynb #76d6d447
-COURSE_SCALES, COURSE_METHODS, COURSE_DATASETS = ('smoke', 'cpu', 'paper'), ('erm', 'jtt'), ('spuco_mnist',)
+COURSE_SCALES, COURSE_METHODS, COURSE_DATASETS = SCALES, ('erm', 'jtt'), ('spuco_mnist',)
 
 def _check(what, value, allowed):
     if value not in allowed: raise ValueError(f'unknown {what} {value!r}: expected one of {list(allowed)}')

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
-from .core import CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads, numerics_record
-from .data import GroupDataset, SPLITS, mnist_digits, colorize, cue_colors, check_jitter, jitter_offsets, to_float, augment
+from .core import SCALES, CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads, numerics_record
+from .data import GroupDataset, HALF_NORM, SPLITS, mnist_digits, colorize, cue_colors, check_jitter, jitter_offsets, to_float, augment
 from .classify import embeddings, linear_probe
 from .models import load_weights
 
@@ -98,7 +98,7 @@ def color_mnist4(
     return GroupDataset(colorize(d.x[idx], painted, a, offsets), torch.from_numpy(labels), torch.from_numpy(a),
                         n_classes=10, n_attr=4, group_names=names, name='color_mnist4', split=split,
                         source=f'{d.source}; backgrounds yellow/red/green/blue {colors}, {how}, '
-                               f'digit -> tied colour {digit_colors}', train_counts=train_counts)
+                               f'digit -> tied colour {digit_colors}', train_counts=train_counts, mean=HALF_NORM, std=HALF_NORM)
 
 # %% ../nbs/08_contrastive.ipynb #d070123d
 class TwoCropTransform:
@@ -201,7 +201,7 @@ def supcon_loss(
 
 # %% ../nbs/08_contrastive.ipynb #aec92849
 CONTRASTIVE_LOSSES = ('simclr', 'supcon')
-_SCALES = ('smoke', 'cpu', 'paper')
+_SCALES = SCALES
 
 @dataclass
 class ContrastiveConfig:

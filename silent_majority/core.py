@@ -13,10 +13,10 @@ import torch
 check_numerics()                    # warns when torch computed before the package was imported
 
 # %% auto #0
-__all__ = ['TRAINING_THREADS', 'RUN_LOG', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'environ', 'seed_everything',
-           'get_device', 'full_fp32', 'pinned_threads', 'training_threads', 'atomic_path', 'atomic_write',
-           'CorruptFileError', 'UnsafeFileError', 'file_sha256', 'save_torch', 'record_sha256', 'check_file',
-           'load_torch', 'to_json', 'config_dict', 'config_hash', 'check_fields', 'DamagedRunWarning',
+__all__ = ['SCALES', 'TRAINING_THREADS', 'RUN_LOG', 'repo_root', 'data_dir', 'cache_dir', 'figures_dir', 'environ',
+           'seed_everything', 'get_device', 'full_fp32', 'pinned_threads', 'training_threads', 'atomic_path',
+           'atomic_write', 'CorruptFileError', 'UnsafeFileError', 'file_sha256', 'save_torch', 'record_sha256',
+           'check_file', 'load_torch', 'to_json', 'config_dict', 'config_hash', 'check_fields', 'DamagedRunWarning',
            'CacheWriteError', 'numerics_record', 'numerics_key', 'run_name', 'Run', 'CachedRun', 'show_progress',
            'cpu_weights', 'parse_assignment', 'cached_run']
 
@@ -81,6 +81,7 @@ def full_fp32():
     finally: conv.fp32_precision, mm.fp32_precision = old
 
 # %% ../nbs/00_core.ipynb #d97ebfbe
+SCALES = ('smoke', 'cpu', 'paper')   # the scales every config, plan and notebook takes (defined here only)
 TRAINING_THREADS = 1   # torch threads for training at smoke and cpu scale (what the committed figures were made with)
 
 @contextlib.contextmanager
@@ -97,7 +98,7 @@ def pinned_threads(n:int|None): # torch (intra-op) threads inside the block; Non
 def training_threads(scale)->contextlib.AbstractContextManager: # 'smoke' | 'cpu' | 'paper', or a config with a `scale`
     "`pinned_threads(TRAINING_THREADS)` at smoke and cpu scale, where trained weights depend on the thread count; at paper scale the count is left alone."
     s = getattr(scale, 'scale', scale)
-    if s not in ('smoke', 'cpu', 'paper'): raise ValueError(f"unknown scale {s!r}: expected one of ['smoke', 'cpu', 'paper']")
+    if s not in SCALES: raise ValueError(f"unknown scale {s!r}: expected one of {list(SCALES)}")
     return pinned_threads(TRAINING_THREADS if s in ('smoke', 'cpu') else None)
 
 # %% ../nbs/00_core.ipynb #97ec00cf

@@ -18,7 +18,7 @@ from .core import (
     cache_dir, data_dir, repo_root, atomic_path, atomic_write, file_sha256, CorruptFileError, show_progress)
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SPLITS', 'MNIST_FILES', 'PRESETS', 'AFFINE_WARP', 'WATERBIRDS_HEADER',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'HALF_NORM', 'SPLITS', 'MNIST_FILES', 'PRESETS', 'AFFINE_WARP', 'WATERBIRDS_HEADER',
            'WATERBIRDS_GROUPS', 'WATERBIRDS_SPECIES', 'CELEBA_GROUPS', 'CELEBA_ATTRS', 'SPUCO_CLASSES',
            'SPUCO_DIFFICULTIES', 'SPUCO_DEFAULT_STRENGTH', 'GroupDataset', 'read_idx', 'Digits', 'mnist_digits',
            'preset_group_sizes', 'colorize', 'cue_colors', 'check_jitter', 'jitter_offsets', 'spurious_mnist',
@@ -29,11 +29,31 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'SPLITS', 'MNIST_FILES', 'PRESETS', 
 
 # %% ../nbs/01_data.ipynb #7970f3d4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF_NORM = (0.5, 0.5, 0.5)   # the digit stand-ins' normalisation, mean = std = 0.5 per channel: [0, 1] -> [-1, 1]
+_UNSET = object()
+
+def _norm_stats(mean, std, n_channels:int)->tuple[tuple, tuple]:
+    "Per-channel (mean, std) as tuples of floats; None, None: no normalisation. Missing values are refused."
+    if mean is _UNSET or std is _UNSET:
+        raise TypeError('the normalisation must be given: mean= and std= per channel, e.g. (0.5, 0.5, 0.5), '
+                        'or mean=None, std=None for none')
+    if (mean is None) != (std is None): raise ValueError(f'mean and std must both be None or both be given, got {mean!r} and {std!r}')
+    if mean is None: return (0.0,) * n_channels, (1.0,) * n_channels
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != n_channels or len(std) != n_channels:
+        raise ValueError(f'mean and std need one value per channel ({n_channels}), got {len(mean)} and {len(std)}')
+    if min(std) <= 0: raise ValueError(f'std must be > 0 in every channel, got {std}')
+    return mean, std
+
+def _check_unit_range(x:torch.Tensor, what:str='float images'):
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f'{what} must lie in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}] '
+                         f'(uint8 images hold 0-255; normalisation is applied later, from mean and std)')
 
 class GroupDataset(torch.utils.data.Dataset):
-    "A split held as tensors (`x` in RAM or memory-mapped): uint8 images `x` and int64 `y`, `a`, `g = y * n_attr + a`."
+    "A split held as tensors (`x` in RAM or memory-mapped): images `x` (uint8, or float in [0, 1]) and int64 `y`, `a`, `g = y * n_attr + a`. Module `silent_majority.data`."
     def __init__(self,
-        x:torch.Tensor,            # uint8 images, N x C x H x W
+        x:torch.Tensor,            # images N x C x H x W: uint8 (0-255) or float in [0, 1]
         y:torch.Tensor,            # class labels in [0, n_classes)
         a:torch.Tensor,            # spurious attribute in [0, n_attr)
         n_classes:int=2, n_attr:int=2,
@@ -41,12 +61,13 @@ class GroupDataset(torch.utils.data.Dataset):
         name:str='', split:str='',   # e.g. 'spurious_mnist/waterbirds_like', 'train'
         source:str='',               # where the images came from (reported in figure sidecars)
         train_counts:list|None=None, # group counts of the training split (default: this split's)
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), # per-channel normalisation applied on the device
+        mean=_UNSET, std=_UNSET,     # per-channel normalisation (x - mean) / std of [0, 1] images, on the device; None, None: none
         extras:dict|None=None,       # more per-example tensors, e.g. {'clean_y': labels before label noise}
     ):
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4):
-            raise ValueError(f'x must be a uint8 tensor of shape N x C x H x W, got '
+        if not (isinstance(x, torch.Tensor) and (x.dtype == torch.uint8 or x.is_floating_point()) and x.ndim == 4):
+            raise ValueError(f'x must be a uint8 (or float, in [0, 1]) tensor of shape N x C x H x W, got '
                              f'{getattr(x, "dtype", type(x))} {tuple(getattr(x, "shape", ()))}')
+        if x.is_floating_point(): _check_unit_range(x)
         y, a = torch.as_tensor(y, dtype=torch.int64), torch.as_tensor(a, dtype=torch.int64)
         if y.shape != (len(x),) or a.shape != (len(x),):
             raise ValueError(f'y and a must have shape ({len(x)},), got {tuple(y.shape)} and {tuple(a.shape)}')
@@ -54,8 +75,7 @@ class GroupDataset(torch.utils.data.Dataset):
             raise ValueError(f'y must lie in [0, {n_classes}), got values {sorted(set(y.tolist()))[:10]}')
         if len(x) and (a.min() < 0 or a.max() >= n_attr):
             raise ValueError(f'a must lie in [0, {n_attr}), got values {sorted(set(a.tolist()))[:10]}')
-        if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-            raise ValueError(f'mean and std need one value per channel ({x.shape[1]}), got {len(mean)} and {len(std)}')
+        mean, std = _norm_stats(mean, std, x.shape[1])
         self.x, self.y, self.a = x, y, a
         self.n_classes, self.n_attr = int(n_classes), int(n_attr)
         self.g = y * self.n_attr + a
@@ -93,6 +113,34 @@ class GroupDataset(torch.utils.data.Dataset):
         return GroupDataset(self.x[idx], self.y[idx], self.a[idx], self.n_classes, self.n_attr, self.group_names,
                             self.name, self.split, self.source, self.train_counts, self.mean, self.std,
                             {k: v[idx] for k, v in self.extras.items()})
+    @classmethod
+    def from_tensors(cls,
+        x, y, a,                   # images N x C x H x W (uint8 0-255, or float in [0, 1]); class labels; spurious attribute
+        *,
+        mean, std,                 # required: per-channel normalisation of [0, 1] images, e.g. (0.5, 0.5, 0.5); None, None: none
+        train:GroupDataset|None=None, # the training split, for an eval split: its classes, attributes, group names, counts, normalisation
+        n_classes:int|None=None, n_attr:int|None=None, # None: `train`'s, else the largest value + 1
+        group_names:list|None=None, name:str='', split:str='', source:str='',
+    )->GroupDataset:
+        "A split from your own tensors, with the normalisation stated; an eval split (`train=`) marks minority groups by the training split's counts. Module `silent_majority.data`."
+        x = torch.as_tensor(x); y = torch.as_tensor(y, dtype=torch.int64); a = torch.as_tensor(a, dtype=torch.int64)
+        if train is not None:
+            if not isinstance(train, GroupDataset): raise TypeError(f'train must be a GroupDataset (the training split), got {type(train).__name__}')
+            for what, v, t in (('n_classes', n_classes, train.n_classes), ('n_attr', n_attr, train.n_attr)):
+                if v is not None and v != t: raise ValueError(f'{what}={v} differs from the training split\'s {t}')
+            if x.ndim == 4 and _norm_stats(mean, std, x.shape[1]) != (train.mean, train.std):
+                raise ValueError(f'mean/std {mean}, {std} differ from the training split\'s {train.mean}, {train.std}: '
+                                 f'an eval split must be normalised as the model was trained')
+            n_classes, n_attr = train.n_classes, train.n_attr
+            group_names = train.group_names if group_names is None else group_names
+        def _count(v, what):
+            if not len(v): raise ValueError(f'{what} is empty: pass n_classes and n_attr, or train=')
+            return int(v.max()) + 1
+        n_classes = _count(y, 'y') if n_classes is None else n_classes
+        n_attr = _count(a, 'a') if n_attr is None else n_attr
+        return cls(x, y, a, n_classes, n_attr, group_names, name, split, source,
+                   train.group_counts() if train is not None else None, mean, std)
+
     def __repr__(self):
         return (f'GroupDataset({self.name}/{self.split}: {len(self)} images {tuple(self.x.shape[1:])}, '
                 f'groups {self.group_counts()}, source={self.source!r})')
@@ -320,7 +368,8 @@ def spurious_mnist(
     how = '' if contrast == 1 and jitter == 0 else f' at contrast {contrast:g}, jitter {jitter:g}'
     return GroupDataset(colorize(d.x[idx], painted, a, offsets), (d.labels[idx] >= 5).long(), a,
                         group_names=P['group_names'], name=f'spurious_mnist/{preset}', split=split,
-                        source=f'{d.source}, backgrounds coloured {colors}{how}', train_counts=train_counts)
+                        source=f'{d.source}, backgrounds coloured {colors}{how}', train_counts=train_counts,
+                        mean=HALF_NORM, std=HALF_NORM)
 
 # %% ../nbs/01_data.ipynb #35757621
 AFFINE_WARP = dict(degrees=15.0, scale=(0.85, 1.15), shear=10.0, shift=2.0)   # the warps of `sklearn_digits(affine_copies=...)`
@@ -367,7 +416,8 @@ def sklearn_digits(
                         torch.from_numpy(np.tile(d.target.astype(np.int64), 1 + affine_copies)), torch.zeros(n, dtype=torch.int64),
                         n_classes=10, n_attr=1, group_names=[f'digit {k}' for k in range(10)], name='sklearn_digits',
                         split='train', source='scikit-learn load_digits (1,797 8x8 digits), resized to 20x20 and centred '
-                                              f'in 28x28{warped}, on a uniformly random background colour per image')
+                                              f'in 28x28{warped}, on a uniformly random background colour per image',
+                        mean=HALF_NORM, std=HALF_NORM)
 
 
 # %% ../nbs/01_data.ipynb #8c7afa22
@@ -854,15 +904,17 @@ def celeba_fixture(
 
 # %% ../nbs/01_data.ipynb #07e292b7
 def to_float(
-    x:torch.Tensor,  # uint8 images, N x C x H x W (or C x H x W)
+    x:torch.Tensor,  # uint8 images (or float images in [0, 1]), N x C x H x W (or C x H x W)
     mean, std,       # per-channel normalisation, e.g. a dataset's `mean` and `std`
 )->torch.Tensor:
-    "`x / 255`, normalised per channel: `(x / 255 - mean) / std`, in float32 on x's device."
-    if x.dtype != torch.uint8: raise TypeError(f'to_float expects uint8 images, got {x.dtype}')
+    "`x / 255` (uint8) or `x` (float in [0, 1]), normalised per channel: `(x01 - mean) / std`, in float32 on x's device."
+    if x.dtype != torch.uint8 and not x.is_floating_point(): raise TypeError(f'to_float expects uint8 images or float images in [0, 1], got {x.dtype}')
     if len(mean) != x.shape[-3] or len(std) != x.shape[-3]:
         raise ValueError(f'mean and std need one value per channel ({x.shape[-3]}), got {len(mean)} and {len(std)}')
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    if x.dtype != torch.uint8:
+        _check_unit_range(x); return (x.float() - m) / s
     return (x.float() / 255 - m) / s
 
 # %% ../nbs/01_data.ipynb #e0cae1db
@@ -1134,4 +1186,4 @@ def spuco_mnist(
                         source=f'{d.source}; SpuCo-style colours ({difficulty}, {how})',
                         train_counts=np.bincount(g_train, minlength=k * k).tolist(),
                         extras=dict(clean_y=torch.from_numpy(y.astype(np.int64)), noisy_label=torch.from_numpy(noisy),
-                                    core_noise=torch.from_numpy(core)))
+                                    core_noise=torch.from_numpy(core)), mean=HALF_NORM, std=HALF_NORM)

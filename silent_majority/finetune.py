@@ -4,7 +4,8 @@
 
 # %% ../nbs/06_finetune.ipynb #9427fb90
 from __future__ import annotations
-import dataclasses, math, os, time
+import copy, dataclasses, math, os, time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
@@ -16,18 +17,20 @@ from tqdm.auto import tqdm
 from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, training_threads, numerics_record
 from .data import GroupDataset, augment, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, load_weights, outputs_probabilities
-from .neurons import CANDIDATE_SETS, candidate_layers, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
+from .neurons import CANDIDATE_SETS, candidate_layers, default_candidates, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
 from .train import (AMP_MODES, DEFAULT_REGIME, ERMConfig, ERMRun, REAL_DATASETS, SCALES, SYNTHETIC_DATASETS, TRAIN_PRESETS,
                                    autotune_kernels, amp_context, cached_erm, cached_training, drop_resume_state, erm_config,
-                                   evaluate, grad_scaler, group_metrics, kept_epoch, predict, predict_ranks, train_erm)
+                                   grad_scaler, kept_epoch, metrics_frame, predict_ranks, train_erm)
+from .metrics import evaluate, group_metrics, predict
 from .classify import embeddings, upsample_indices
 
 # %% auto #0
-__all__ = ['MASK_CRITERIA', 'GRAD_SOURCES', 'SUP_LOSSES', 'METHODS', 'neuron_mask', 'smallest_weights_mask', 'auxiliary_mask',
-           'masked_forward', 'Penultimate', 'nt_xent', 'supervised_loss', 'FinetuneConfig', 'finetune_config',
-           'paper_dataset', 'with_regime', 'erm_of', 'projection_head', 'finetune_epoch', 'initial_models', 'finetune',
-           'FinetuneRun', 'cached_finetune', 'erm_same_budget', 'JTTConfig', 'jtt_config', 'jtt_same_budget',
-           'cached_jtt', 'penultimate_features', 'dfr', 'last_conv', 'grad_cam', 'compare_methods', 'finetune_rows']
+__all__ = ['MASK_CRITERIA', 'GRAD_SOURCES', 'SUP_LOSSES', 'FINETUNE_OPTIONS', 'METHODS', 'neuron_mask', 'smallest_weights_mask',
+           'auxiliary_mask', 'masked_forward', 'Penultimate', 'nt_xent', 'supervised_loss', 'FinetuneConfig',
+           'finetune_config', 'paper_dataset', 'with_regime', 'erm_of', 'projection_head', 'finetune_epoch',
+           'initial_models', 'finetune', 'FinetuneRun', 'cached_finetune', 'finetune_model', 'erm_same_budget',
+           'JTTConfig', 'jtt_config', 'jtt_same_budget', 'cached_jtt', 'penultimate_features', 'dfr', 'last_conv',
+           'grad_cam', 'compare_methods', 'finetune_rows']
 
 # %% ../nbs/06_finetune.ipynb #f8ca02f8
 MASK_CRITERIA = ('gradient', 'magnitude', 'combined', 'smallest_weights')
@@ -257,14 +260,40 @@ def _load_state(model, head, st):
 
 def initial_models(cfg:FinetuneConfig, erm:ERMRun, device)->tuple: # model, head (or None), optimiser
     "The ERM model at the kick-in epoch, a fresh projection head if the config contrasts head features, and their Adam."
-    model = erm.model(cfg.kick_in, device=device); head = None
+    model = erm.model(cfg.kick_in, device=device)
     if cfg.channels_last and torch.device(device).type == 'cuda': model = model.to(memory_format=torch.channels_last)   # as train_erm
-    if cfg.features == 'projection':
-        train = erm.splits()['train']
+    return _head_and_optimizer(model, erm.splits()['train'], cfg, device)
+
+def _head_and_optimizer(model, train, cfg, device)->tuple: # model, head (or None), Adam over both
+    head = None
+    if cfg.features == 'projection':                     # the head's width is the penultimate layer's, probed in eval mode
+        was_training = model.training; model.eval()
         with Penultimate(model) as pen, torch.no_grad(): model(to_float(train.x[:2].to(device), train.mean, train.std))
+        model.train(was_training)
         head = projection_head(pen.value.shape[1], cfg.proj_dim, cfg.seed).to(device)
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     return model, head, torch.optim.Adam(params, lr=cfg.lr)
+
+def _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start:int, best:dict,
+                   log:Callable,                    # log(epoch, **kw) -> the epoch's row, with its 'val' metrics
+                   on_epoch:Callable|None=None,     # on_epoch(epoch, best, improved) after each epoch
+                   desc:str='fine-tune')->dict:     # the best {'epoch', 'wga'} by val worst-group accuracy
+    "Epochs `start + 1 .. cfg.epochs` of Stage II: the mask from the current weights, an epoch against it, the plateau step on the summed loss, the epoch's row, and the best val worst-group accuracy so far."
+    bar = tqdm(range(start + 1, cfg.epochs + 1), desc=desc, initial=start, total=cfg.epochs, disable=not show_progress())
+    with autotune_kernels(cfg, device):
+        for epoch in bar:
+            t0 = time.perf_counter()
+            masks, info = auxiliary_mask(model, train, cfg.criterion, cfg.frac, cfg.candidates, cfg.grad_source,
+                                         seed=cfg.seed * 1_000 + epoch, device=device)
+            t1 = time.perf_counter()
+            sums = finetune_epoch(model, head, masks, opt, train, cfg, epoch, device, scaler=scaler)
+            t2 = time.perf_counter(); sched.step(sums['total'])
+            row = log(epoch, mask=info, mask_seconds=t1 - t0, train_seconds=t2 - t1, **{f'loss_{k}': v for k, v in sums.items()})
+            bar.set_postfix(loss=f"{sums['total']:.3f}", val_wga=f"{row['val']['wga']:.3f}")
+            improved = row['val']['wga'] > best['wga']
+            if improved: best = {'epoch': epoch, 'wga': row['val']['wga']}
+            if on_epoch is not None: on_epoch(epoch, best, improved)
+    return best
 
 def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
     "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
@@ -294,23 +323,13 @@ def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:
         row = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], **kw)
         row.update({s: evaluate(model, splits[s], device=device) for s in ('val', 'test')}); run.log(**row); return row
     if start == 0 and not run.metrics(): log(0)
-    bar = tqdm(range(start + 1, cfg.epochs + 1), desc=f'fine-tune {cfg.dataset} seed {cfg.seed}', initial=start,
-               total=cfg.epochs, disable=not show_progress())
-    with autotune_kernels(cfg, device):
-        for epoch in bar:
-            t0 = time.perf_counter()
-            masks, info = auxiliary_mask(model, train, cfg.criterion, cfg.frac, cfg.candidates, cfg.grad_source,
-                                         seed=cfg.seed * 1_000 + epoch, device=device)
-            t1 = time.perf_counter()
-            sums = finetune_epoch(model, head, masks, opt, train, cfg, epoch, device, scaler=scaler)
-            t2 = time.perf_counter(); sched.step(sums['total'])
-            row = log(epoch, mask=info, mask_seconds=t1 - t0, train_seconds=t2 - t1, **{f'loss_{k}': v for k, v in sums.items()})
-            bar.set_postfix(loss=f"{sums['total']:.3f}", val_wga=f"{row['val']['wga']:.3f}")
-            if row['val']['wga'] > best['wga']:
-                best = {'epoch': epoch, 'wga': row['val']['wga']}; run.save_checkpoint('best', _state(model, head))
-            state = dict(weights=_state(model, head), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best=best)
-            if scaler is not None: state['scaler'] = scaler.state_dict()
-            run.save_checkpoint('last', state)
+    def checkpoint(epoch, best, improved):               # `best` when val WGA improves; `last` with its resume state, always
+        if improved: run.save_checkpoint('best', _state(model, head))
+        state = dict(weights=_state(model, head), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best=best)
+        if scaler is not None: state['scaler'] = scaler.state_dict()
+        run.save_checkpoint('last', state)
+    best = _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start, best, log, checkpoint,
+                          desc=f'fine-tune {cfg.dataset} seed {cfg.seed}')
     rows = {r['epoch']: r for r in run.metrics()}
     b = best['epoch'] if best['epoch'] > 0 else cfg.epochs
     return dict(best_epoch=b, best=rows[b], erm_start=rows[0], last=rows[cfg.epochs], erm_run=erm.run.dir.name)
@@ -333,6 +352,49 @@ def cached_finetune(cfg:FinetuneConfig, device=None)->FinetuneRun:
         result = finetune(cfg, r, device=device); drop_resume_state(r, cfg.keep_resume_state); return result
     run, result = cached_run(cfg, train, kind='finetune')
     return FinetuneRun(cfg, run, result)
+
+# %% ../nbs/06_finetune.ipynb #16cc22dc
+FINETUNE_OPTIONS = ('batch_size', 'lr', 'plateau_factor', 'plateau_patience', 'tau', 'lam', 'sup_loss', 'views', 'features',
+                    'proj_dim', 'frac', 'candidates', 'grad_source', 'forwards', 'augment', 'amp', 'channels_last')
+
+def finetune_model(
+    model:nn.Module,              # a trained classifier; fine-tuned in place
+    train:GroupDataset,           # the training split (group labels are read only with grad_source='minority')
+    val:GroupDataset,             # selects the epoch: the best val worst-group accuracy
+    criterion:str='gradient',     # the auxiliary model's mask, one of MASK_CRITERIA
+    epochs:int=5,
+    test:GroupDataset|None=None,  # evaluated each epoch too (reported, never used to select)
+    seed:int=0,                   # batch order, augmentation, head init, gradient samples
+    device=None,
+    **options,                    # training fields of `FinetuneConfig`, see FINETUNE_OPTIONS
+)->tuple[nn.Module, pd.DataFrame]: # the model at its best epoch (eval mode); one row per (epoch, split, group)
+    "Stage II on any model and `GroupDataset` splits, without the run cache. Module `silent_majority.finetune`."
+    bad = sorted(set(options) - set(FINETUNE_OPTIONS))
+    if bad: raise ValueError(f'unknown fine-tuning options {bad}: expected some of {list(FINETUNE_OPTIONS)}')
+    for what, ds in (('train', train), ('val', val), ('test', test)):
+        if ds is not None and not isinstance(ds, GroupDataset):
+            raise TypeError(f'{what} must be a GroupDataset (e.g. GroupDataset.from_tensors), got {type(ds).__name__}')
+    options.setdefault('candidates', default_candidates(model))
+    cfg = FinetuneConfig(criterion=criterion, epochs=epochs, seed=seed, kick_in=0, **options)
+    device = get_device(device); model = model.to(device)
+    if cfg.channels_last and device.type == 'cuda': model = model.to(memory_format=torch.channels_last)
+    seed_everything(cfg.seed)
+    model, head, opt = _head_and_optimizer(model, train, cfg, device)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, 'min', factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    evals = {'val': val, **({'test': test} if test is not None else {})}
+    rows, kept = [], {}
+    def log(epoch, **kw):
+        row = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], **kw)
+        row.update({s: evaluate(model, ds, device=device) for s, ds in evals.items()}); rows.append(row); return row
+    def keep(epoch, best, improved):
+        if improved: kept['best'] = copy.deepcopy(cpu_weights(model))
+    log(0)
+    best = _stage2_epochs(model, head, opt, sched, grad_scaler(cfg.amp, device), cfg, train, device, 0,
+                          {'epoch': -1, 'wga': -1.0}, log, keep)
+    if 'best' in kept: load_weights(model, kept['best'])       # no val WGA (empty groups): the last epoch's weights stay
+    hist = metrics_frame(rows, val.group_names)
+    hist.attrs.update(best_epoch=best['epoch'] if best['epoch'] > 0 else cfg.epochs, config=dataclasses.asdict(cfg))
+    return model.eval(), hist
 
 # %% ../nbs/06_finetune.ipynb #8368d894
 def erm_same_budget(erm:ERMRun, max_epoch:int)->dict: # the logged row of the chosen epoch

@@ -14,13 +14,13 @@ from torch import nn
 from .core import get_device
 from .data import GroupDataset, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, outputs_probabilities
-from .train import predict
+from .metrics import predict
 
 # %% auto #0
 __all__ = ['CANDIDATE_SETS', 'CANDIDATE_PRESETS', 'TRANSFORMER_CANDIDATES', 'GRADIENT_SAMPLE_RULES', 'MODES', 'neuron_layers',
-           'preset_candidates', 'candidate_layers', 'neuron_table', 'magnitude_scores', 'standard_layout',
-           'gradient_scores', 'gradient_samples', 'group_gradient_scores', 'resolve_k', 'scores_frame', 'top_k',
-           'bottom_k', 'random_k', 'apply_modification', 'modify']
+           'preset_candidates', 'default_candidates', 'candidate_layers', 'neuron_table', 'magnitude_scores',
+           'standard_layout', 'gradient_scores', 'gradient_samples', 'group_gradient_scores', 'resolve_k',
+           'scores_frame', 'top_k', 'bottom_k', 'random_k', 'apply_modification', 'modify']
 
 # %% ../nbs/04_neurons.ipynb #417a4fe7
 def neuron_layers(model:nn.Module)->dict: # dotted name -> module, in model order
@@ -39,6 +39,12 @@ def preset_candidates(preset:str, arch:str)->dict: # criterion -> candidate set
     "The candidate sets of a reading (`CANDIDATE_PRESETS`) for an architecture: linear neurons for transformers."
     if preset not in CANDIDATE_PRESETS: raise ValueError(f'unknown preset {preset!r}: expected one of {list(CANDIDATE_PRESETS)}')
     return dict(TRANSFORMER_CANDIDATES) if arch in TRANSFORMER_ARCHS else dict(CANDIDATE_PRESETS[preset])
+
+def default_candidates(model:nn.Module)->str: # 'conv' | 'linear'
+    "The paper's candidate neurons for any model: convolution channels ('conv'); for a transformer (a module with attention) or a model without convolutions, the rows of the linear layers but the classifier ('linear'). Module `silent_majority.neurons`."
+    mods = list(model.modules())
+    attention = any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith('Attention') for m in mods)
+    return 'linear' if attention or not any(isinstance(m, nn.Conv2d) for m in mods) else 'conv'
 
 def candidate_layers(
     model:nn.Module,
@@ -157,9 +163,27 @@ def _check_count(what, v):
         raise ValueError(f'{what} must be a positive int, got {v!r}')
     return int(v)
 
+def _tensor_outputs(model:nn.Module, x:torch.Tensor, device=None, batch_size:int=512)->torch.Tensor: # N x n_classes, on the CPU
+    "`model`'s eval-mode outputs on a normalised float batch, in batches."
+    device = get_device(device); model.eval().to(device)
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+def _sample_source(ds)->tuple: # (x or None, y, g, n_groups or None, where)
+    if isinstance(ds, GroupDataset): return None, ds.y, ds.g, ds.n_groups, ds.split or ds.name
+    if isinstance(ds, (tuple, list)) and len(ds) == 3:
+        x, y, g = ds
+        if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2):
+            raise ValueError(f'x must be the normalised float batch the model takes, got {getattr(x, "dtype", type(x).__name__)}')
+        y, g = torch.as_tensor(y), torch.as_tensor(g)
+        for what, v in (('y', y), ('g', g)):
+            if v.dtype != torch.int64 or v.shape != (len(x),): raise ValueError(f'{what} must be int64 of shape ({len(x)},), got {v.dtype} {tuple(v.shape)}')
+        return x, y, g, None, 'the tensors given'
+    raise TypeError(f'ds must be a GroupDataset or a tuple (x, y, g) of tensors, got {type(ds).__name__}')
+
 def gradient_samples(
     model:nn.Module,
-    ds:GroupDataset,           # the split to choose from
+    ds:GroupDataset|tuple,     # the split to choose from: a GroupDataset, or tensors (x normalised float, y, g)
     group:int|None=None,       # a group id g; None -> all examples
     rule:str='paper',          # a key of `GRADIENT_SAMPLE_RULES`
     seed:int=0,                # seeds the random draw of the 'paper' rule
@@ -167,7 +191,7 @@ def gradient_samples(
     n_worst:int|None=None,     # override the rule's number of worst examples kept
     n_batch:int|None=None,     # override the rule's number drawn from those
 )->torch.Tensor:               # sorted int64 indices into `ds`
-    "Indices of the examples whose loss gradient scores the neurons for `group`."
+    "Indices of the examples whose loss gradient scores the neurons for `group`. Module `silent_majority.neurons`."
     if rule not in GRADIENT_SAMPLE_RULES:
         raise ValueError(f'unknown rule {rule!r}: expected one of {list(GRADIENT_SAMPLE_RULES)}')
     R = GRADIENT_SAMPLE_RULES[rule]
@@ -175,16 +199,17 @@ def gradient_samples(
     n_batch = _check_count('n_batch', R['n_batch'] if n_batch is None else n_batch)
     if n_batch > n_worst: raise ValueError(f'n_batch={n_batch} cannot exceed n_worst={n_worst}')
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)): raise ValueError(f'seed must be an int, got {seed!r}')
-    if group is None: pool = torch.arange(len(ds))
+    x, ys, gs, n_groups, where = _sample_source(ds)
+    if group is None: pool = torch.arange(len(gs))
     else:
-        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or not 0 <= group < ds.n_groups:
-            raise ValueError(f'group must be None or an int in [0, {ds.n_groups}), got {group!r}')
-        pool = (ds.g == group).nonzero().flatten()
-    if not len(pool): raise ValueError(f'group {group} has no examples in this split ({ds.split or ds.name}): nothing to take a gradient on')
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 0 or (n_groups is not None and group >= n_groups):
+            raise ValueError(f'group must be None or an int in [0, {n_groups if n_groups is not None else "n_groups"}), got {group!r}')
+        pool = (gs == group).nonzero().flatten()
+    if not len(pool): raise ValueError(f'group {group} has no examples in this split ({where}): nothing to take a gradient on')
     was_training = model.training
-    try: out = predict(model, ds.subset(pool), device=device)
+    try: out = predict(model, ds.subset(pool), device=device) if x is None else _tensor_outputs(model, x[pool], device)
     finally: model.train(was_training)
-    y = ds.y[pool]
+    y = ys[pool]
     if R['by'] == 'loss': badness = F.cross_entropy(out, y, reduction='none')
     else:
         p = out if outputs_probabilities(model) else out.softmax(1)

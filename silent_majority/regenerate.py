@@ -8,19 +8,18 @@ import argparse, ast, concurrent.futures as cf, json, multiprocessing as mp, os,
 from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
-from .core import RUN_LOG, CacheWriteError, atomic_write, cache_dir, environ, figures_dir, parse_assignment, repo_root
+from .core import SCALES, RUN_LOG, CacheWriteError, atomic_write, cache_dir, environ, figures_dir, parse_assignment, repo_root
 
 # %% auto #0
-__all__ = ['FIGURE_FOLDERS', 'SCALES', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'KERNEL_LOG', 'KERNEL_LAUNCHER',
-           'FINDING_KEYS', 'GALLERY_SECTIONS', 'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell',
-           'parameter_types', 'check_parameters', 'default_out_dir', 'check_writable', 'kernel_warnings',
-           'last_cell_ran', 'kernel_log_lines', 'run_notebook', 'kernel_threads', 'train_planned', 'regenerate',
-           'longest_first', 'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table',
-           'update_block', 'caption', 'gallery', 'write_gallery', 'refresh_readme', 'main']
+__all__ = ['FIGURE_FOLDERS', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 'KERNEL_LOG', 'KERNEL_LAUNCHER', 'FINDING_KEYS',
+           'GALLERY_SECTIONS', 'README_BLOCKS', 'figure_notebooks', 'natural_key', 'parameters_cell', 'parameter_types',
+           'check_parameters', 'default_out_dir', 'check_writable', 'kernel_warnings', 'last_cell_ran',
+           'kernel_log_lines', 'run_notebook', 'kernel_threads', 'train_planned', 'regenerate', 'longest_first',
+           'format_table', 'SidecarWarning', 'read_sidecars', 'findings', 'results_table', 'update_block', 'caption',
+           'gallery', 'write_gallery', 'refresh_readme', 'main']
 
 # %% ../nbs/10_regenerate.ipynb #390fa9f4
 FIGURE_FOLDERS = ('paper', 'course')
-SCALES = ('smoke', 'cpu', 'paper')
 
 def figure_notebooks(nbs:str|Path|None=None)->list[Path]: # folder holding paper/ and course/
     "Every figure notebook, in a stable order: paper first, then course, each in natural order (fig2 before fig10)."

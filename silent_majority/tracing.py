@@ -11,9 +11,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .core import TRAINING_THREADS, full_fp32, get_device, pinned_threads
+from .core import TRAINING_THREADS, full_fp32, get_device, pinned_threads, show_progress
 from .data import GroupDataset, to_float
-from .neurons import (candidate_layers, magnitude_scores, group_gradient_scores, top_k, bottom_k,
+from .neurons import (candidate_layers, default_candidates, magnitude_scores, group_gradient_scores, top_k, bottom_k,
                                      random_k, modify, scores_frame, resolve_k, MODES, CANDIDATE_PRESETS, preset_candidates)
 from .train import ERMRun, erm_config, cached_erm, kept_epoch
 
@@ -62,11 +62,11 @@ def run_units(units:list, x:torch.Tensor, start:int=0)->torch.Tensor:
 CRITERIA = ('gradient', 'magnitude')
 
 class TracingEngine:
-    "Cached, copy-free evaluation of neuron modifications on every group of every split."
+    "Cached, copy-free evaluation of neuron modifications on every group of every split, for any model and `GroupDataset` splits. Module `silent_majority.tracing`."
     def __init__(self,
         model:nn.Module,           # a trained model (it is modified in place and always restored)
         splits:dict,               # split name -> GroupDataset
-        candidates='all',          # candidate neurons (see `neurons.candidate_layers`), or {criterion: set}
+        candidates=None,           # candidate neurons (see `neurons.candidate_layers`), or {criterion: set}; None: the paper's, `neurons.default_candidates`
         rule:str='paper',          # gradient-sample rule (see `neurons.gradient_samples`)
         device=None,
         batch_size:int|None=None,  # eval batch (None: 256 on the CPU, 1024 on a GPU); eval-mode BN makes results independent of it
@@ -79,6 +79,7 @@ class TracingEngine:
         if channels_last: self.model.to(memory_format=torch.channels_last)
         batch_size = batch_size or (256 if self.device.type == 'cpu' else 1024)
         self.splits, self.rule, self.batch_size, self.dataset, self.threads = splits, rule, batch_size, dataset, threads
+        if candidates is None: candidates = default_candidates(model)
         self.candidates = candidates if isinstance(candidates, dict) else {c: candidates for c in CRITERIA}
         for c in CRITERIA: candidate_layers(model, self.candidates[c])      # validate early
         self.x = {s: ds.x.to(self.device) for s, ds in splits.items()}      # uint8, cached once
@@ -195,7 +196,7 @@ def unstructured_tracing(
     eval_splits=('train', 'test'),      # where accuracy is read
     select_split:str='train',           # where gradients are taken (the neurons are chosen once, on this split)
     reference=None,                     # state dict of an earlier checkpoint (mode 'rewind')
-    progress:bool=True,
+    progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
     "Modify the global top-k neurons by each criterion (gradient: per group j) and read every group's accuracy."
     _check_modes(mode, sigmas)
@@ -203,7 +204,7 @@ def unstructured_tracing(
     n_groups = eng.splits[select_split].n_groups
     settings = [(c, j) for c in criteria for j in ((-1,) if c == 'magnitude' else range(n_groups))]
     rows, bar = [], tqdm(total=len(settings) * len(ks) * len(sigmas) * len(seeds) * len(eval_splits),
-                         desc=f'unstructured {mode}', disable=not progress, leave=False)
+                         desc=f'unstructured {mode}', disable=not show_progress(progress), leave=False)
     for c, j in settings:
         for k in ks:
             neurons = eng.top(k, c, None if j < 0 else j, split=select_split)
@@ -225,7 +226,7 @@ def structured_tracing(
     eval_splits=('train',),
     select_split:str='train',
     layers=None,                        # None -> every candidate layer of the criterion
-    progress:bool=True,
+    progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
     "Modify the top-k neurons within each layer and read every group's accuracy."
     _check_modes(mode, (sigma,) if mode.startswith('random') else (1.0,))
@@ -233,7 +234,7 @@ def structured_tracing(
     for s in eval_splits:
         todo = [(c, l) for c in criteria for l in (layers or candidate_layers(eng.model, eng.candidates[c]))]
         todo.sort(key=lambda cl: unit_of(eng.units, cl[1]) if eng.units else 0)   # one prefix cache per unit
-        for c, layer in tqdm(todo, desc=f'structured ({s})', disable=not progress, leave=False):
+        for c, layer in tqdm(todo, desc=f'structured ({s})', disable=not show_progress(progress), leave=False):
             for j in ((-1,) if c == 'magnitude' else range(n_groups)):
                 neurons = eng.top(k, c, None if j < 0 else j, within_layer=layer, split=select_split)
                 after = eng.modified_acc(neurons, s, mode, sigma, seed, start_layer=layer)
@@ -251,14 +252,14 @@ def layer_rewinding(
     eval_splits=('train',),
     layers='all',                       # candidate set or list of layer names
     threshold:float=0.01,               # |delta| >= threshold makes a layer sensitive for a group
-    progress:bool=True,
+    progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
     "Rewind each layer in turn by n epochs and read every group's accuracy (`sensitive` marks |delta| >= threshold)."
     if not references: raise ValueError('references must map epochs-back n to a state dict, got nothing')
     names = candidate_layers(eng.model, layers); rows = []
     for s in eval_splits:
         for n, ref in sorted(references.items()):
-            for layer in tqdm(names, desc=f'rewind {n} ({s})', disable=not progress, leave=False):
+            for layer in tqdm(names, desc=f'rewind {n} ({s})', disable=not show_progress(progress), leave=False):
                 after = eng.modified_acc([(layer, None)], s, 'rewind', reference=ref, start_layer=layer)
                 rows += _rows(eng, s, after, criterion='layer', mode='rewind', sigma=0.0, k=int(n), layer=layer,
                               seed=0, select_group=-1, neurons=f'{layer}:*', rewind_epochs=int(n))
@@ -272,13 +273,13 @@ def control_group(
     kinds=('lowest', 'random'),         # the lowest-scored, or random neurons outside the top `frac`
     eval_splits=('train',),
     seed:int=0,
-    progress:bool=True,
+    progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
     "Zero non-critical neurons (lowest-scored or random outside the top set) and read every group's accuracy."
     bad = set(kinds) - {'lowest', 'random'}
     if bad: raise ValueError(f"unknown control kinds {sorted(bad)}: expected 'lowest' and/or 'random'")
     sc = eng.scores(criterion); rows = []
-    for f in tqdm(fracs, desc='control', disable=not progress, leave=False):
+    for f in tqdm(fracs, desc='control', disable=not show_progress(progress), leave=False):
         for kind in kinds:
             neurons = (bottom_k(sc, f) if kind == 'lowest' else random_k(sc, f, seed, exclude=eng.top(f, criterion)))
             for s in eval_splits:

@@ -15,63 +15,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .core import (CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights, numerics_record,
+from .core import (SCALES, CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights, numerics_record,
                                   seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads, environ)
 from .data import GroupDataset, spurious_mnist, sklearn_digits, load_waterbirds, load_celeba, to_float, augment
+from .metrics import predict, group_metrics, evaluate   # re-exported: `silent_majority.train.evaluate` as before
 from .models import TRANSFORMER_ARCHS, build_model, classifier_name, load_weights, outputs_probabilities, weights_file
 
 # %% auto #0
-__all__ = ['SCALES', 'TRAIN_PRESETS', 'SYNTHETIC_DATASETS', 'REAL_DATASETS', 'AMP_MODES', 'PAPER_KEEP_EPOCHS', 'REGIMES',
-           'DEFAULT_REGIME', 'PRETRAIN_EPOCHS', 'PRETRAIN_INITS', 'RESUME_KEYS', 'predict', 'group_metrics', 'evaluate',
-           'ERMConfig', 'regime_of', 'erm_config', 'load_splits', 'make_model', 'PretrainConfig', 'pretrain_of',
-           'load_backbone', 'PretrainRun', 'cached_pretrain', 'amp_context', 'grad_scaler', 'dist_env',
-           'init_distributed', 'shard_batch', 'predict_ranks', 'train_weights', 'train_epoch', 'autotune_kernels',
-           'train_erm', 'group_table', 'kept_epoch', 'ERMRun', 'metrics_frame', 'drop_resume_state', 'cached_training',
-           'cached_erm']
-
-# %% ../nbs/03_train.ipynb #4658d596
-def predict(
-    model:nn.Module,        # returns logits (or probabilities, for the released code's variant)
-    ds:GroupDataset,        # split to run over
-    batch_size:int=512,     # eval batch; eval-mode BatchNorm makes outputs independent of it
-    device=None,            # None -> `get_device()`
-)->torch.Tensor:            # N x n_classes outputs, on the CPU
-    "Outputs of `model` on every example of `ds`, in order."
-    device = get_device(device); model.eval().to(device); outs = []
-    with torch.inference_mode():
-        for i in range(0, len(ds), batch_size):
-            xb = to_float(ds.x[i:i + batch_size].to(device), ds.mean, ds.std)
-            outs.append(model(xb).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0, ds.n_classes)
-
-def group_metrics(
-    out:torch.Tensor,        # N x n_classes model outputs
-    ds:GroupDataset,         # the split they belong to (labels, groups, training counts)
-    probabilities:bool=False,# outputs are probabilities (the loss is then CE on them, as the released code does)
-)->dict:
-    "Per-group accuracy, worst-group accuracy, plain and train-weighted mean accuracy, mean loss."
-    if out.shape != (len(ds), ds.n_classes):
-        raise ValueError(f'expected outputs of shape ({len(ds)}, {ds.n_classes}), got {tuple(out.shape)}')
-    correct = (out.argmax(1) == ds.y).double()
-    n = torch.bincount(ds.g, minlength=ds.n_groups)
-    hits = torch.bincount(ds.g, weights=correct, minlength=ds.n_groups)
-    acc = [float(h / c) if c > 0 else float('nan') for h, c in zip(hits, n)]
-    present = [x for x in acc if not math.isnan(x)]
-    tc = torch.tensor(ds.train_counts, dtype=torch.float64)
-    ok = torch.tensor([not math.isnan(x) for x in acc])
-    weighted = float((tc[ok] * torch.tensor(acc, dtype=torch.float64)[ok]).sum() / tc[ok].sum()) if ok.any() else float('nan')
-    loss = float(F.cross_entropy(out, ds.y)) if len(ds) else float('nan')
-    return dict(group_acc=acc, group_n=n.tolist(), wga=min(present) if present else float('nan'),
-                worst_group=int(np.nanargmin(acc)) if present else -1,
-                mean_acc=float(correct.mean()) if len(ds) else float('nan'), weighted_acc=weighted, loss=loss,
-                empty_groups=[g for g, c in enumerate(n.tolist()) if c == 0])
-
-def evaluate(model:nn.Module, ds:GroupDataset, batch_size:int=512, device=None)->dict:
-    "Group metrics of `model` on the split `ds` (see `group_metrics`)."
-    return group_metrics(predict(model, ds, batch_size, device), ds, outputs_probabilities(model))
+__all__ = ['TRAIN_PRESETS', 'SYNTHETIC_DATASETS', 'REAL_DATASETS', 'AMP_MODES', 'PAPER_KEEP_EPOCHS', 'REGIMES', 'DEFAULT_REGIME',
+           'PRETRAIN_EPOCHS', 'PRETRAIN_INITS', 'RESUME_KEYS', 'ERMConfig', 'regime_of', 'erm_config', 'load_splits',
+           'make_model', 'PretrainConfig', 'pretrain_of', 'load_backbone', 'PretrainRun', 'cached_pretrain',
+           'amp_context', 'grad_scaler', 'dist_env', 'init_distributed', 'shard_batch', 'predict_ranks',
+           'train_weights', 'train_epoch', 'autotune_kernels', 'train_erm', 'group_table', 'kept_epoch', 'ERMRun',
+           'metrics_frame', 'drop_resume_state', 'cached_training', 'cached_erm']
 
 # %% ../nbs/03_train.ipynb #c3b5cf76
-SCALES = ('smoke', 'cpu', 'paper')
 TRAIN_PRESETS = ('paper', 'official_code')
 SYNTHETIC_DATASETS = ('waterbirds_like', 'celeba_like')
 REAL_DATASETS = ('waterbirds', 'celeba')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/explore.ipynb #38ec56bb
 from __future__ import annotations
-import html, io, json, time, warnings
+import html, io, json, re, time, warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -154,8 +154,12 @@ class Explorer:
         out_dir:str|Path|None=None,     # where Save figure writes (None -> `figures_dir()/'explorer'`)
         k_max:int=64,                   # the k slider stops here (or at the candidates in scope)
         device=None,
+        engine:TracingEngine|None=None, # explore this engine (any model and splits) instead of the cached runs
+        name:str='your model',          # the engine's label in the run list
     ):
-        self.preset, self.out_dir, self.k_max, self.device = preset, out_dir, k_max, device
+        if engine is not None and not isinstance(engine, TracingEngine):
+            raise TypeError(f'engine must be a TracingEngine, got {type(engine).__name__}')
+        self.preset, self.out_dir, self.k_max, self.device, self.name = preset, out_dir, k_max, device, name
         self._engines, self._refs, self._hold = {}, {}, False
         self.erm = self.eng = self.groups = self.neurons = self.fig = self.view = self.seconds = None
         c = self.controls = dict(
@@ -197,7 +201,13 @@ class Explorer:
             W.HTML('<b>chosen neurons</b> (rank, layer, output channel or row, score, percentile among the candidates)'),
             self.table, W.HBox([self.save_button, self.saved])])
         self.widget.add_class('sm-explorer')
-        self.refresh_runs(erm_config(dataset, scale=scale, preset=preset, seed=seed))
+        if engine is None: self.refresh_runs(erm_config(dataset, scale=scale, preset=preset, seed=seed)); return
+        self._engines['engine'] = (None, engine)     # no run cache: no train row, no rewinding
+        self.widget.children[1].layout.display = 'none'
+        self._hold = True
+        try: c['run'].options = [(self.name, 'engine')]; c['run'].value = 'engine'
+        finally: self._hold = False
+        self._changed('run')
 
     def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
 
@@ -237,11 +247,12 @@ class Explorer:
             self._say(f'opening {run} ...')
             self._engines[run] = load_engine(self.runs.set_index('run').config[run], device=self.device)
         self.erm, self.eng = self._engines[run]
-        c = self.controls; ds = self.eng.splits['train']; minority = ds.minority_groups()
+        c = self.controls; ds = self.eng.splits.get('train') or next(iter(self.eng.splits.values())); minority = ds.minority_groups()
         _choose(c['split'], list(self.eng.splits), c['split'].value)
         _choose(c['group'], [(n, g) for g, n in enumerate(ds.group_names)] + [('no labels: highest-loss examples', -1)],
                 c['group'].value if c['group'].value in [*range(ds.n_groups), -1] else minority[0] if minority else 0)
-        last = self.eng.epoch; ns = sorted(last - e for e in self.erm.cfg.keep_epochs if e < last)
+        last = getattr(self.eng, 'epoch', None)
+        ns = sorted(last - e for e in self.erm.cfg.keep_epochs if e < last) if self.erm is not None else []
         _choose(c['rewind'], [(f"{n} epoch{'s' if n != 1 else ''} (to epoch {last - n})", n) for n in ns], c['rewind'].value)
         _choose(c['mode'], [m for m in MODES if m != 'rewind' or ns], c['mode'].value)
 
@@ -270,8 +281,10 @@ class Explorer:
         "The current view's settings."
         v = {n: w.value for n, w in self.controls.items()}
         crit = v['criterion']
-        return dict(run=v['run'], dataset=self.erm.cfg.dataset, scale=self.erm.cfg.scale, seed=self.erm.cfg.seed,
-                    preset=self.erm.cfg.preset, epoch=self.eng.epoch, split=v['split'], criterion=crit, scope=v['scope'],
+        cfg = self.erm.cfg if self.erm is not None else None
+        return dict(run=v['run'], dataset=cfg.dataset if cfg else (self.eng.dataset or self.name), scale=cfg.scale if cfg else '',
+                    seed=cfg.seed if cfg else '', preset=cfg.preset if cfg else '', epoch=getattr(self.eng, 'epoch', ''),
+                    split=v['split'], criterion=crit, scope=v['scope'],
                     k=int(v['k']), mode=v['mode'], sigma=float(v['sigma']) if v['mode'].startswith('random') else 0.0,
                     draw_seed=int(v['seed']), rewind=v['rewind'] if v['mode'] == 'rewind' else None,
                     select_group=None if crit == 'magnitude' or v['group'] == -1 else int(v['group']))
@@ -315,7 +328,8 @@ class Explorer:
         p = self.view
         sel = '' if p['criterion'] == 'magnitude' else f'-g{p["select_group"]}' if p['select_group'] is not None else '-nolabels'
         extra = f'_s{p["sigma"]:g}_d{p["draw_seed"]}' if p['mode'].startswith('random') else f'_r{p["rewind"]}' if p['mode'] == 'rewind' else ''
-        return (f'explore_{p["dataset"]}_{p["scale"]}_seed{p["seed"]}_{p["split"]}_{p["criterion"]}{sel}_'
+        run = f'{p["dataset"]}_{p["scale"]}_seed{p["seed"]}' if p['scale'] else re.sub(r'[^A-Za-z0-9_.-]+', '-', str(p['dataset']))
+        return (f'explore_{run}_{p["split"]}_{p["criterion"]}{sel}_'
                 f'{p["scope"].replace(".", "-")}_k{p["k"]}_{p["mode"]}{extra}')
 
     def save(self, out_dir:str|Path|None=None)->dict|None: # None -> the explorer's `out_dir`, else `figures_dir()/'explorer'`
@@ -327,7 +341,7 @@ class Explorer:
         mino, majo = self.groups[self.groups.minority], self.groups[~self.groups.minority]
         text = (f'mean Δacc: minority {mino.delta_acc.mean() * 100:+.2f} points, majority {majo.delta_acc.mean() * 100:+.2f} points'
                 if len(mino) and len(majo) else '')
-        paths = save_figure(self.fig, self.fig_id(), out, data=data, params=p, configs=[self.erm.cfg],
-                            source=self.eng.splits['train'].source, summary=dict(text=text, view=self.title(p)))
+        paths = save_figure(self.fig, self.fig_id(), out, data=data, params=p, configs=[self.erm.cfg] if self.erm is not None else [],
+                            source=next(iter(self.eng.splits.values())).source, summary=dict(text=text, view=self.title(p)))
         self.saved.value = f'saved {html.escape(str(paths["png"]))} (+ pdf, csv, json)'
         return paths

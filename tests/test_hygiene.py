@@ -64,3 +64,16 @@ def test_gallery_matches_committed_figures():
         assert f'![{nb.stem}]({nb.stem}.png)' in text and (ROOT / 'figures' / f'{nb.stem}.png').exists(), nb.stem
     assert 'Not regenerated yet' not in text
     assert '(figures/README.md)' in (ROOT / 'README.md').read_text()   # the top-level README links to it
+
+
+def test_readme_own_model_section_matches_tutorial():
+    "Every line of the README's 'Use it on your own model' code block is a line of nbs/tutorial_own_model.ipynb (which `make test` runs)."
+    text = (ROOT / 'README.md').read_text()
+    assert '## Use it on your own model' in text
+    section = text.split('## Use it on your own model', 1)[1].split('\n## ', 1)[0]
+    assert 'nbs/tutorial_own_model.ipynb' in section
+    block = section.split('```python\n', 1)[1].split('```', 1)[0]
+    nb = nbformat.read(str(ROOT / 'nbs' / 'tutorial_own_model.ipynb'), as_version=4)
+    tutorial = {l.strip() for c in nb.cells if c.cell_type == 'code' for l in c.source.splitlines()}
+    missing = [l for l in block.splitlines() if l.strip() and l.strip() not in tutorial]
+    assert not missing, f'README lines not in the tutorial: {missing}'
