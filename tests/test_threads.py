@@ -26,7 +26,7 @@ TRACING_WITH_TWO_THREADS = textwrap.dedent('''
     # the engine's last scores equal those of a plain contiguous copy on the same examples, bit for bit
     from silent_majority.neurons import gradient_samples
     ds = splits['train']; idx = gradient_samples(ref, ds, 3, 'paper', seed=2)
-    want = gradient_scores(ref, to_float(ds.x[idx], ds.mean, ds.std), ds.y[idx])
+    want = gradient_scores(ref, to_float(ds.x[idx], ds.mean, ds.std), ds.y[idx], eng.candidates['gradient'])
     assert all(torch.equal(want[n], scores[n]) for n in want), 'scores differ from the contiguous model'
     print('ok', len(idx))
 ''')
