@@ -6,8 +6,8 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #0abeee29
-from . import core, data, models, metrics, claims, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster
-_MODULES = (core, data, models, metrics, claims, train, neurons, tracing, finetune, plots, classify, pruning, contrastive, widgets, plan, cluster)  # before `finetune` the function shadows the module
+from . import core, data, models, metrics, claims, train, neurons, tracing, finetune, baselines, explain, plots, classify, pruning, contrastive, widgets, plan, cluster
+_MODULES = (core, data, models, metrics, claims, train, neurons, tracing, finetune, baselines, explain, plots, classify, pruning, contrastive, widgets, plan, cluster)  # before `finetune` the function shadows the module
 from .core import *
 from .data import *
 from .models import *
@@ -17,6 +17,8 @@ from .train import *
 from .neurons import *
 from .tracing import *
 from .finetune import *
+from .baselines import *
+from .explain import *
 from .plots import *
 from .classify import *
 from .pruning import *

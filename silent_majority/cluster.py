@@ -14,8 +14,8 @@ import silent_majority
 from .core import atomic_write, cache_dir, config_dict, run_name, show_progress, training_threads
 from .train import (ERMConfig, PretrainConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm,
                                    cached_pretrain, erm_config, pretrain_of, PRETRAIN_INITS)
-from .finetune import (FinetuneConfig, JTTConfig, MASK_CRITERIA, cached_finetune, cached_jtt, erm_of,
-                       finetune_config, jtt_config, jtt_same_budget)
+from .finetune import FinetuneConfig, MASK_CRITERIA, cached_finetune, erm_of, finetune_config
+from .baselines import JTTConfig, cached_jtt, jtt_config, jtt_same_budget
 from .classify import CourseConfig, course_model
 from .contrastive import ContrastiveConfig, train_contrastive
 

@@ -4,10 +4,9 @@
 
 # %% ../nbs/06_finetune.ipynb #9427fb90
 from __future__ import annotations
-import copy, dataclasses, math, os, time
+import copy, dataclasses, math, time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -17,20 +16,17 @@ from tqdm.auto import tqdm
 from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, training_threads, numerics_record
 from .data import GroupDataset, augment, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, load_weights, outputs_probabilities
-from .neurons import CANDIDATE_SETS, candidate_layers, default_candidates, gradient_samples, gradient_scores, magnitude_scores, resolve_k, top_k
+from .neurons import CANDIDATE_SETS, candidate_layers, default_candidates, gradient_samples, gradient_scores, magnitude_scores, top_k
 from .train import (AMP_MODES, DEFAULT_REGIME, ERMConfig, ERMRun, REAL_DATASETS, SCALES, SYNTHETIC_DATASETS, TRAIN_PRESETS,
-                                   autotune_kernels, amp_context, cached_erm, cached_training, drop_resume_state, erm_config,
-                                   grad_scaler, kept_epoch, metrics_frame, predict_ranks, train_erm)
-from .metrics import evaluate, group_metrics, predict
-from .classify import embeddings, upsample_indices
+                                   autotune_kernels, amp_context, cached_erm, drop_resume_state, erm_config,
+                                   grad_scaler, kept_epoch, metrics_frame)
+from .metrics import evaluate
 
 # %% auto #0
-__all__ = ['MASK_CRITERIA', 'GRAD_SOURCES', 'SUP_LOSSES', 'FINETUNE_OPTIONS', 'METHODS', 'neuron_mask', 'smallest_weights_mask',
+__all__ = ['MASK_CRITERIA', 'GRAD_SOURCES', 'SUP_LOSSES', 'FINETUNE_OPTIONS', 'neuron_mask', 'smallest_weights_mask',
            'auxiliary_mask', 'masked_forward', 'Penultimate', 'nt_xent', 'supervised_loss', 'FinetuneConfig',
            'finetune_config', 'paper_dataset', 'with_regime', 'erm_of', 'projection_head', 'finetune_epoch',
-           'initial_models', 'finetune', 'FinetuneRun', 'cached_finetune', 'finetune_model', 'erm_same_budget',
-           'JTTConfig', 'jtt_config', 'jtt_same_budget', 'cached_jtt', 'penultimate_features', 'dfr', 'last_conv',
-           'grad_cam', 'compare_methods', 'finetune_rows']
+           'initial_models', 'finetune', 'FinetuneRun', 'cached_finetune', 'finetune_model']
 
 # %% ../nbs/06_finetune.ipynb #f8ca02f8
 MASK_CRITERIA = ('gradient', 'magnitude', 'combined', 'smallest_weights')
@@ -395,170 +391,3 @@ def finetune_model(
     hist = metrics_frame(rows, val.group_names)
     hist.attrs.update(best_epoch=best['epoch'] if best['epoch'] > 0 else cfg.epochs, config=dataclasses.asdict(cfg))
     return model.eval(), hist
-
-# %% ../nbs/06_finetune.ipynb #8368d894
-def erm_same_budget(erm:ERMRun, max_epoch:int)->dict: # the logged row of the chosen epoch
-    "The ERM epoch <= `max_epoch` with the best val worst-group accuracy (val and test of that checkpoint)."
-    rows = [r for r in erm.run.metrics() if 1 <= r['epoch'] <= max_epoch]
-    if not rows: raise ValueError(f'the ERM run has no logged epoch in 1..{max_epoch}')
-    return max(rows, key=lambda r: (r['val']['wga'], -r['epoch']))
-
-@dataclass(frozen=True)
-class JTTConfig:
-    "JTT under the Stage II harness (see `jtt_config`)."
-    dataset:str='waterbirds_like'
-    scale:str='cpu'
-    preset:str='paper'
-    seed:int=0
-    id_epoch:int=5                 # ERM epoch whose errors form the error set (a kept epoch)
-    upweight:int=20                # extra copies of each error-set example per epoch
-    epochs:int=20                  # epochs of the final model (the fine-tuned model's total: kick-in + fine-tuning)
-    erm_overrides:dict=field(default_factory=dict) # `ERMConfig` fields of the ERM run it starts from
-
-    HASH_OMIT_DEFAULTS = ('erm_overrides',)
-
-    def __post_init__(self):   # every field's type (core.check_fields), the ranges and choices, and the ERM run's config
-        check_fields(self, dataset=SYNTHETIC_DATASETS + REAL_DATASETS, scale=SCALES, preset=TRAIN_PRESETS, seed='>=0',
-                     id_epoch='>=0', upweight='>=1', epochs='>=1')
-        erm_of(self)
-
-_JTT_SCALES = {'smoke': dict(id_epoch=1, upweight=5, epochs=2), 'cpu': dict(id_epoch=5, upweight=20, epochs=20),
-               'paper': dict(id_epoch=40, upweight=100, epochs=60)}
-
-def jtt_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='paper', seed:int=0, **overrides)->JTTConfig:
-    "The JTT baseline's config at a scale, with `overrides` (any `JTTConfig` field) on top."
-    if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
-    fields = {f.name for f in dataclasses.fields(JTTConfig)}
-    if set(overrides) - fields: raise ValueError(f'unknown JTTConfig fields {sorted(set(overrides) - fields)}: expected some of {sorted(fields)}')
-    kw = {**dict(dataset=paper_dataset(dataset, scale), scale=scale, preset=preset, seed=seed, **_JTT_SCALES[scale]), **overrides}
-    return JTTConfig(**{**kw, 'erm_overrides': with_regime(kw.get('erm_overrides', {}), scale)})
-
-def jtt_same_budget(ft:FinetuneConfig, **overrides)->JTTConfig:
-    "The JTT baseline compared with fine-tuning `ft`: same dataset, scale, preset, seed and ERM run, and as many epochs in all (kick-in + fine-tuning)."
-    return jtt_config(ft.dataset, ft.scale, ft.preset, ft.seed, **{'epochs': ft.kick_in + ft.epochs, 'erm_overrides': ft.erm_overrides, **overrides})
-
-def cached_jtt(cfg:JTTConfig, device=None)->ERMRun:
-    "Train JTT's final model once (resuming if interrupted); an `ERMRun` whose result also names the error set."
-    erm = cached_erm(erm_of(cfg), device=device)
-    kept_epoch(erm.cfg, cfg.id_epoch, 'id_epoch')
-    final_cfg = dataclasses.replace(erm.cfg, epochs=cfg.epochs, keep_epochs=())
-    def train(run, splits, device):
-        with training_threads(final_cfg):                # the error set too: its predictions sum floats
-            tr = splits['train']
-            ident = erm.model(cfg.id_epoch, device=device)
-            errors = (predict_ranks(ident, tr, device).argmax(1) != tr.y).nonzero().flatten()    # the same on every rank
-            res = train_erm(final_cfg, run, splits, device, indices=upsample_indices(errors, len(tr), cfg.upweight))
-        drop_resume_state(run, final_cfg.keep_resume_state)
-        return dict(res, error_set_size=len(errors), error_set_groups=torch.bincount(tr.g[errors], minlength=tr.n_groups).tolist())
-    run, result, _ = cached_training(cfg, train, 'jtt', erm.splits, device)
-    return ERMRun(final_cfg, run, result)
-
-def penultimate_features(model:nn.Module, ds:GroupDataset, batch_size:int=512, device=None)->torch.Tensor:
-    "The input of the final linear layer for every example of `ds` (eval mode), on the CPU."
-    model.eval().to(get_device(device))
-    with Penultimate(model) as pen:
-        return embeddings(lambda x: (model(x), pen.value)[1], ds, batch_size, device)
-
-def _balanced(g:np.ndarray, n_groups:int, rng)->np.ndarray:
-    present = [k for k in range(n_groups) if (g == k).any()]
-    n = min((g == k).sum() for k in present)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(g == k), n, replace=False) for k in present]))
-
-def dfr(model:nn.Module, splits:dict, seed:int=0, Cs=(0.01, 0.1, 1.0, 10.0), device=None)->dict:
-    "Deep feature reweighting: last-layer logistic regression on a group-balanced half of val; test metrics."
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-    val, test = splits['val'], splits['test']
-    fv, ft = penultimate_features(model, val, device=device).numpy(), penultimate_features(model, test, device=device).numpy()
-    rng = np.random.default_rng(seed); perm = rng.permutation(len(val)); half = len(val) // 2
-    fit_idx, tune_idx = np.sort(perm[:half]), np.sort(perm[half:])
-    gv = val.g.numpy(); fit_idx = fit_idx[_balanced(gv[fit_idx], val.n_groups, rng)]
-    scaler = StandardScaler().fit(fv[fit_idx])
-    def fit(C):
-        return LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(fv[fit_idx]), val.y.numpy()[fit_idx])
-    def wga(clf, idx):
-        sub = val.subset(torch.from_numpy(idx))
-        return group_metrics(torch.from_numpy(clf.predict_log_proba(scaler.transform(fv[idx]))).float(), sub)['wga']
-    scores = {C: wga(fit(C), tune_idx) for C in Cs}
-    C = max(Cs, key=lambda c: (scores[c], -c)); clf = fit(C)
-    out = torch.from_numpy(clf.predict_log_proba(scaler.transform(ft))).float()
-    return dict(test=group_metrics(out, test), C=C, tune_wga=scores, n_fit=len(fit_idx))
-
-# %% ../nbs/06_finetune.ipynb #b12c0e3f
-def last_conv(model:nn.Module)->str:
-    "Name of the model's last `Conv2d` outside a residual shortcut (ResNet-50: `layer4.2.conv3`, the paper's layer)."
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and 'downsample' not in n.split('.')]
-    if not convs: raise ValueError(f'{type(model).__name__} has no Conv2d layer for Grad-CAM')
-    return convs[-1]
-
-def grad_cam(
-    model:nn.Module,
-    x:torch.Tensor,              # normalised float batch N x C x H x W
-    target:int|torch.Tensor=0,   # output dimension to explain: one int for all, or one per image
-    layer:str|None=None,         # a module name; None -> `last_conv(model)`
-    normalize:bool=True,         # scale each map to [0, 1] (by its max)
-)->torch.Tensor:                 # N x H x W, on x's device
-    "Grad-CAM maps of `target`'s score at `layer`, upsampled to the input size."
-    if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 4):
-        raise ValueError(f'x must be a float batch N x C x H x W, got {tuple(getattr(x, "shape", ()))}')
-    layer = layer or last_conv(model); mod = model.get_submodule(layer); store = {}
-    h = mod.register_forward_hook(lambda m, i, o: store.__setitem__('a', o))
-    was_training = model.training; model.eval()
-    try:
-        with torch.enable_grad():
-            out = model(x)
-            t = torch.as_tensor(target, device=out.device).expand(len(x)) if not torch.is_tensor(target) or target.ndim == 0 \
-                else target.to(out.device)
-            if t.shape != (len(x),) or t.min() < 0 or t.max() >= out.shape[1]:
-                raise ValueError(f'target must be an int in [0, {out.shape[1]}) or one per image, got {target!r}')
-            score = out.gather(1, t.long()[:, None]).sum()
-            grad, = torch.autograd.grad(score, store['a'])
-    finally:
-        h.remove(); model.train(was_training)
-    a = store['a'].detach()
-    cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
-    if normalize: cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    return cam
-
-# %% ../nbs/06_finetune.ipynb #c38f19d9
-METHODS = ('ERM', 'FT gradient', 'FT magnitude', 'JTT', 'DFR')
-
-def _row(dataset, method, seed, test, val=None, epoch=None, **kw)->dict:
-    return dict(dataset=dataset, method=method, seed=seed, wga=test['wga'], mean_acc=test['mean_acc'],
-                weighted_acc=test['weighted_acc'], val_wga=val['wga'] if val else float('nan'),
-                epoch=-1 if epoch is None else epoch, **{f'acc_g{g}': a for g, a in enumerate(test['group_acc'])}, **kw)
-
-def compare_methods(dataset:str='waterbirds_like', scale:str='cpu', seed:int=0, preset:str='paper',
-                    methods=METHODS, device=None, arch:str|None=None)->pd.DataFrame: # arch: another than the scale's
-    "Test metrics of each method's selected checkpoint: columns dataset, method, seed, wga, mean_acc, weighted_acc, ..."
-    bad = [m for m in methods if m not in METHODS]
-    if bad: raise ValueError(f'unknown methods {bad}: expected some of {list(METHODS)}')
-    over = {'erm_overrides': {'arch': arch}} if arch else {}
-    cfg = finetune_config(dataset, scale, preset, seed, **over); erm = cached_erm(erm_of(cfg), device=device)
-    budget = cfg.kick_in + cfg.epochs; rows = []
-    for m in methods:
-        if m == 'ERM':
-            r = erm_same_budget(erm, budget); rows.append(_row(dataset, m, seed, r['test'], r['val'], r['epoch']))
-        elif m.startswith('FT'):
-            ft = cached_finetune(dataclasses.replace(cfg, criterion=m.split()[1]), device=device); r = ft.result['best']
-            rows.append(_row(dataset, m, seed, r['test'], r['val'], cfg.kick_in + r['epoch']))
-        elif m == 'JTT':
-            j = cached_jtt(jtt_same_budget(cfg), device=device); r = j.result['best']
-            rows.append(_row(dataset, m, seed, r['test'], r['val'], r['epoch'], error_set=j.result['error_set_size']))
-        else:
-            d = dfr(erm.model('best', device=device), erm.splits(), seed=seed, device=device)
-            rows.append(_row(dataset, m, seed, d['test'], epoch=erm.result['best_epoch'], C=d['C']))
-    return pd.DataFrame(rows)
-
-def finetune_rows(variants:dict, dataset:str='waterbirds_like', scale:str='cpu', seed:int=0, preset:str='paper',
-                  device=None)->pd.DataFrame: # variant name -> FinetuneConfig overrides
-    "One row per fine-tuning variant: the selected checkpoint's test metrics, with the overrides as columns."
-    rows = []
-    for name, over in variants.items():
-        cfg = finetune_config(dataset, scale, preset, seed, **over); ft = cached_finetune(cfg, device=device)
-        r = ft.result['best']
-        rows.append(_row(dataset, name, seed, r['test'], r['val'], cfg.kick_in + r['epoch'], kick_in=cfg.kick_in,
-                         ft_epochs=cfg.epochs, sup_loss=cfg.sup_loss, lam=cfg.lam, criterion=cfg.criterion, frac=cfg.frac,
-                         grad_source=cfg.grad_source, n_masked=ft.metrics()[1]['mask']['n_masked']))
-    return pd.DataFrame(rows)

@@ -10,7 +10,8 @@ import pandas as pd
 from .core import cache_dir, config_hash, data_dir, run_name
 from .data import MNIST_FILES
 from .train import ERMConfig, PretrainConfig, erm_config, REAL_DATASETS, SYNTHETIC_DATASETS, _IMAGENET_FILES
-from .finetune import FinetuneConfig, JTTConfig, finetune_config, jtt_same_budget, erm_of
+from .finetune import FinetuneConfig, finetune_config, erm_of
+from .baselines import JTTConfig, jtt_same_budget
 from .classify import CourseConfig, course_config
 from .contrastive import ContrastiveConfig, contrastive_config
 from .cluster import Task

@@ -19,6 +19,7 @@ from .core import (SCALES, CacheWriteError, CachedRun, DamagedRunWarning, Run, c
                                   seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads, environ)
 from .data import GroupDataset, spurious_mnist, sklearn_digits, load_waterbirds, load_celeba, to_float, augment
 from .metrics import predict, group_metrics, evaluate   # re-exported: `silent_majority.train.evaluate` as before
+from .classify import fit_classifier   # the course's plain classification loop, for the pre-training
 from .models import TRANSFORMER_ARCHS, build_model, classifier_name, load_weights, outputs_probabilities, weights_file
 
 # %% auto #0
@@ -205,7 +206,6 @@ def load_backbone(model:nn.Module, state:dict)->nn.Module:
     model.load_state_dict({**sd, **state}); return model
 
 def _pretrain(cfg:PretrainConfig, device=None)->tuple[dict, dict]: # (backbone weights, result)
-    from silent_majority.classify import fit_classifier     # the course's plain classification loop (classify imports this module)
     ds = sklearn_digits(cfg.seed, cfg.affine_copies); device = get_device(device)
     with training_threads(cfg) as threads:
         model = build_model(cfg.arch, n_classes=ds.n_classes, seed=cfg.seed, **cfg.arch_kwargs); t0 = time.perf_counter()
@@ -549,7 +549,7 @@ def main(argv:list|None=None)->int:
         cfg = ecfg = erm_config(dataset, a.scale, a.preset, a.seed, **over)
         if a.jtt_set and a.method != 'jtt': raise ValueError('--jtt-set needs --method jtt')
         if a.method == 'jtt':
-            from silent_majority.finetune import cached_jtt, jtt_config    # finetune builds on this module
+            from silent_majority.baselines import cached_jtt, jtt_config    # sm-train --method jtt: baselines builds on this module
             jtt = dict(parse_assignment(t, '--jtt-set FIELD=VALUE') for t in a.jtt_set)
             cfg = jtt_config(dataset, a.scale, a.preset, a.seed, erm_overrides=over, **jtt)
         try: dev = get_device(a.device)

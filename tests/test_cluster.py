@@ -3,7 +3,8 @@ import json, os, pickle, subprocess, sys
 import pytest
 from silent_majority.cluster import Task, SweepError, main, run_tasks, schedule, sweep_tasks, task_table
 from silent_majority.train import erm_config, cached_erm
-from silent_majority.finetune import finetune_config, jtt_config, cached_finetune, cached_jtt, erm_of
+from silent_majority.finetune import finetune_config, cached_finetune, erm_of
+from silent_majority.baselines import jtt_config, cached_jtt
 
 SMOKE = ['--scale', 'smoke', '--seeds', '0', '--datasets', 'waterbirds_like']
 

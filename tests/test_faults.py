@@ -8,7 +8,8 @@ from silent_majority.data import spurious_mnist, spuco_mnist
 from silent_majority.models import small_resnet, tiny_cnn
 from silent_majority.neurons import candidate_layers, gradient_samples, modify
 from silent_majority.train import erm_config, cached_erm
-from silent_majority.finetune import finetune_config, jtt_config, supervised_loss
+from silent_majority.finetune import finetune_config, supervised_loss
+from silent_majority.baselines import jtt_config
 from silent_majority.classify import course_config
 from silent_majority.contrastive import contrastive_config
 from silent_majority.tracing import unstructured_tracing

@@ -9,8 +9,8 @@ import silent_majority.core as core
 from silent_majority.core import (CacheWriteError, CorruptFileError, DamagedRunWarning, Run, check_file, config_hash,
                                   load_torch)
 from silent_majority.train import ERMConfig, cached_erm, erm_config, main as sm_train, train_erm
-from silent_majority.finetune import (FinetuneConfig, JTTConfig, cached_finetune, cached_jtt, erm_of, finetune,
-                                      finetune_config, jtt_config)
+from silent_majority.finetune import FinetuneConfig, cached_finetune, erm_of, finetune, finetune_config
+from silent_majority.baselines import JTTConfig, cached_jtt, jtt_config
 from silent_majority.classify import CourseConfig, course_config, course_model
 from silent_majority.contrastive import ContrastiveConfig, contrastive_config, train_contrastive
 

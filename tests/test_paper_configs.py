@@ -12,7 +12,8 @@ from silent_majority.models import vit_s16
 from silent_majority.neurons import CANDIDATE_PRESETS, preset_candidates
 from silent_majority.train import erm_config, cached_erm
 from silent_majority.tracing import TracingEngine, unstructured_tracing
-from silent_majority.finetune import finetune_config, cached_finetune, jtt_config, cached_jtt, dfr, erm_of
+from silent_majority.finetune import finetune_config, cached_finetune, erm_of
+from silent_majority.baselines import jtt_config, cached_jtt, dfr
 
 SHORT = dict(epochs=1, batch_size=4, keep_epochs=(0, 1))     # the only change to each paper ERM config
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from silent_majority.core import Run, load_torch
-from silent_majority.finetune import cached_jtt, jtt_config
+from silent_majority.baselines import cached_jtt, jtt_config
 from silent_majority.train import (cached_erm, erm_config, grad_scaler, load_splits, make_model, train_epoch, train_erm,
                                    train_weights)
 
