@@ -181,6 +181,14 @@ def _rows(eng, split, after, **kw)->list[dict]:
 
 def _neuron_str(neurons): return ';'.join(f'{l}:{i}' for l, i in neurons)
 
+def _eval_splits(eng, eval_splits, select_split)->tuple: # the splits to read, checked against the engine's
+    "`eval_splits`, or (None) the engine's 'train' and 'test' where it has both, else all its splits; unknown names are refused."
+    if eval_splits is None:
+        eval_splits = ('train', 'test') if {'train', 'test'} <= set(eng.splits) else tuple(eng.splits)
+    bad = [s for s in (*eval_splits, select_split) if s not in eng.splits]
+    if bad: raise ValueError(f'unknown splits {bad}: the engine holds {list(eng.splits)} (pass eval_splits= and select_split=)')
+    return tuple(eval_splits)
+
 def _check_modes(mode, sigmas):
     if mode not in MODES: raise ValueError(f'unknown mode {mode!r}: expected one of {list(MODES)}')
     if mode.startswith('random') and (not sigmas or min(sigmas) <= 0):
@@ -193,13 +201,13 @@ def unstructured_tracing(
     mode:str='zero',                    # 'zero' | 'random_init' | 'random_noise' | 'rewind'
     sigmas=(0.0,),                      # std of the draws (random modes)
     seeds=(0,),                         # seeds of the draws (random modes; one run otherwise)
-    eval_splits=('train', 'test'),      # where accuracy is read
+    eval_splits=None,                   # where accuracy is read (None: 'train' and 'test' if the engine has both, else all its splits)
     select_split:str='train',           # where gradients are taken (the neurons are chosen once, on this split)
     reference=None,                     # state dict of an earlier checkpoint (mode 'rewind')
     progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
     "Modify the global top-k neurons by each criterion (gradient: per group j) and read every group's accuracy."
-    _check_modes(mode, sigmas)
+    _check_modes(mode, sigmas); eval_splits = _eval_splits(eng, eval_splits, select_split)
     sigmas = sigmas if mode.startswith('random') else (0.0,); seeds = seeds if mode.startswith('random') else (0,)
     n_groups = eng.splits[select_split].n_groups
     settings = [(c, j) for c in criteria for j in ((-1,) if c == 'magnitude' else range(n_groups))]
