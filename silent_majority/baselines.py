@@ -25,14 +25,14 @@ __all__ = ['METHODS', 'erm_same_budget', 'JTTConfig', 'jtt_config', 'jtt_same_bu
 
 # %% ../nbs/06a_baselines.ipynb #8368d894
 def erm_same_budget(erm:ERMRun, max_epoch:int)->dict: # the logged row of the chosen epoch
-    "The ERM epoch <= `max_epoch` with the best val worst-group accuracy (val and test of that checkpoint)."
+    "The ERM epoch <= `max_epoch` with the best val worst-group accuracy (val and test of that checkpoint). Module `silent_majority.baselines`."
     rows = [r for r in erm.run.metrics() if 1 <= r['epoch'] <= max_epoch]
     if not rows: raise ValueError(f'the ERM run has no logged epoch in 1..{max_epoch}')
     return max(rows, key=lambda r: (r['val']['wga'], -r['epoch']))
 
 @dataclass(frozen=True)
 class JTTConfig:
-    "JTT under the Stage II harness (see `jtt_config`)."
+    "JTT under the Stage II harness (see `jtt_config`). Module `silent_majority.baselines`."
     dataset:str='waterbirds_like'
     scale:str='cpu'
     preset:str='paper'
@@ -53,7 +53,7 @@ _JTT_SCALES = {'smoke': dict(id_epoch=1, upweight=5, epochs=2), 'cpu': dict(id_e
                'paper': dict(id_epoch=40, upweight=100, epochs=60)}
 
 def jtt_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='paper', seed:int=0, **overrides)->JTTConfig:
-    "The JTT baseline's config at a scale, with `overrides` (any `JTTConfig` field) on top."
+    "The JTT baseline's config at a scale, with `overrides` (any `JTTConfig` field) on top. Module `silent_majority.baselines`."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     fields = {f.name for f in dataclasses.fields(JTTConfig)}
     if set(overrides) - fields: raise ValueError(f'unknown JTTConfig fields {sorted(set(overrides) - fields)}: expected some of {sorted(fields)}')
@@ -61,11 +61,11 @@ def jtt_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='paper
     return JTTConfig(**{**kw, 'erm_overrides': with_regime(kw.get('erm_overrides', {}), scale)})
 
 def jtt_same_budget(ft:FinetuneConfig, **overrides)->JTTConfig:
-    "The JTT baseline compared with fine-tuning `ft`: same dataset, scale, preset, seed and ERM run, and as many epochs in all (kick-in + fine-tuning)."
+    "The JTT baseline compared with fine-tuning `ft`: same dataset, scale, preset, seed and ERM run, and as many epochs in all (kick-in + fine-tuning). Module `silent_majority.baselines`."
     return jtt_config(ft.dataset, ft.scale, ft.preset, ft.seed, **{'epochs': ft.kick_in + ft.epochs, 'erm_overrides': ft.erm_overrides, **overrides})
 
 def cached_jtt(cfg:JTTConfig, device=None)->ERMRun:
-    "Train JTT's final model once (resuming if interrupted); an `ERMRun` whose result also names the error set."
+    "Train JTT's final model once (resuming if interrupted); an `ERMRun` whose result also names the error set. Module `silent_majority.baselines`."
     erm = cached_erm(erm_of(cfg), device=device)
     kept_epoch(erm.cfg, cfg.id_epoch, 'id_epoch')
     final_cfg = dataclasses.replace(erm.cfg, epochs=cfg.epochs, keep_epochs=())
@@ -81,7 +81,7 @@ def cached_jtt(cfg:JTTConfig, device=None)->ERMRun:
     return ERMRun(final_cfg, run, result)
 
 def penultimate_features(model:nn.Module, ds:GroupDataset, batch_size:int=512, device=None)->torch.Tensor:
-    "The input of the final linear layer for every example of `ds` (eval mode), on the CPU."
+    "The input of the final linear layer for every example of `ds` (eval mode), on the CPU. Module `silent_majority.baselines`."
     model.eval().to(get_device(device))
     with Penultimate(model) as pen:
         return embeddings(lambda x: (model(x), pen.value)[1], ds, batch_size, device)
@@ -92,7 +92,7 @@ def _balanced(g:np.ndarray, n_groups:int, rng)->np.ndarray:
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(g == k), n, replace=False) for k in present]))
 
 def dfr(model:nn.Module, splits:dict, seed:int=0, Cs=(0.01, 0.1, 1.0, 10.0), device=None)->dict:
-    "Deep feature reweighting: last-layer logistic regression on a group-balanced half of val; test metrics."
+    "Deep feature reweighting: last-layer logistic regression on a group-balanced half of val; test metrics. Module `silent_majority.baselines`."
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     val, test = splits['val'], splits['test']
@@ -121,7 +121,7 @@ def _row(dataset, method, seed, test, val=None, epoch=None, **kw)->dict:
 
 def compare_methods(dataset:str='waterbirds_like', scale:str='cpu', seed:int=0, preset:str='paper',
                     methods=METHODS, device=None, arch:str|None=None)->pd.DataFrame: # arch: another than the scale's
-    "Test metrics of each method's selected checkpoint: columns dataset, method, seed, wga, mean_acc, weighted_acc, ..."
+    "Test metrics of each method's selected checkpoint: columns dataset, method, seed, wga, mean_acc, weighted_acc, ... Module `silent_majority.baselines`."
     bad = [m for m in methods if m not in METHODS]
     if bad: raise ValueError(f'unknown methods {bad}: expected some of {list(METHODS)}')
     over = {'erm_overrides': {'arch': arch}} if arch else {}
@@ -143,7 +143,7 @@ def compare_methods(dataset:str='waterbirds_like', scale:str='cpu', seed:int=0, 
 
 def finetune_rows(variants:dict, dataset:str='waterbirds_like', scale:str='cpu', seed:int=0, preset:str='paper',
                   device=None)->pd.DataFrame: # variant name -> FinetuneConfig overrides
-    "One row per fine-tuning variant: the selected checkpoint's test metrics, with the overrides as columns."
+    "One row per fine-tuning variant: the selected checkpoint's test metrics, with the overrides as columns. Module `silent_majority.baselines`."
     rows = []
     for name, over in variants.items():
         cfg = finetune_config(dataset, scale, preset, seed, **over); ft = cached_finetune(cfg, device=device)

@@ -26,7 +26,7 @@ __all__ = ['EXPLORER_STEPS', 'NUMERICS_CAPPED', 'BENCH_FIGURES', 'NaiveFiles', '
 
 # %% ../nbs/11_benchmark.ipynb #0f84b7bc
 class NaiveFiles(torch.utils.data.Dataset):
-    "The released code's data path: one PNG file per example, decoded, transformed and moved to the device per sample."
+    "The released code's data path: one PNG file per example, decoded, transformed and moved to the device per sample. Module `silent_majority.benchmark`."
     def __init__(self, ds, folder:str|Path, device=None): # a GroupDataset; folder to hold the image files
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
         if ds.x.shape[1] not in (1, 3): raise ValueError(f'NaiveFiles needs 1- or 3-channel images, got {tuple(ds.x.shape[1:])}')
@@ -47,14 +47,14 @@ def _naive_outputs(model, files, idx=None, batch_size=200):
         return [(model(x), y, g) for x, y, g in torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)]
 
 def naive_group_acc(model:nn.Module, files:NaiveFiles, batch_size:int=200)->np.ndarray:
-    "Group accuracies through the per-sample decode/transform pipeline."
+    "Group accuracies through the per-sample decode/transform pipeline. Module `silent_majority.benchmark`."
     model.eval(); hits = np.zeros(files.n_groups); n = np.zeros(files.n_groups)
     for out, y, g in _naive_outputs(model, files, batch_size=batch_size):
         ok = (out.argmax(1).cpu() == y).numpy(); np.add.at(hits, g.numpy(), ok); np.add.at(n, g.numpy(), 1)
     return hits / n
 
 def naive_gradient_samples(model:nn.Module, files:NaiveFiles, group:int, rule:str='paper', seed:int=0, batch_size:int=200):
-    "`neurons.gradient_samples` the released code's way: a full pass over the split's files, then the group's worst."
+    "`neurons.gradient_samples` the released code's way: a full pass over the split's files, then the group's worst. Module `silent_majority.benchmark`."
     model.eval()
     out = torch.cat([o.float().cpu() for o, _, _ in _naive_outputs(model, files, batch_size=batch_size)])
     pool = (files.g == group).nonzero().flatten(); R = GRADIENT_SAMPLE_RULES[rule]
@@ -68,7 +68,7 @@ def naive_gradient_samples(model:nn.Module, files:NaiveFiles, group:int, rule:st
 
 def naive_suite(model:nn.Module, files:NaiveFiles, ks=(1, 2, 3), criteria=('gradient', 'magnitude'), rule:str='paper',
                 candidates='all')->dict:
-    "Stage I zeroing done the naive way; returns {(criterion, group, k): group accuracies} and the passes made."
+    "Stage I zeroing done the naive way; returns {(criterion, group, k): group accuracies} and the passes made. Module `silent_majority.benchmark`."
     out, passes = {}, 0
     for c in criteria:
         for k in ks:
@@ -92,7 +92,7 @@ def bench_tracing(
     scale:str='cpu', dataset:str='waterbirds_like', seed:int=0, ks=(1, 2, 3), device=None,
     repeats:int=5,             # cached passes timed for the floor (median)
 )->dict:
-    "Time the Stage I suite naive vs engine, the engine against its floor, and prefix caching."
+    "Time the Stage I suite naive vs engine, the engine against its floor, and prefix caching. Module `silent_majority.benchmark`."
     erm, _ = tracing_engine(dataset, scale=scale, seed=seed, eval_splits=('train',), device=device)
     model, ds = erm.model('last', device=device), erm.splits()['train']
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +137,7 @@ def bench_tracing(
 # %% ../nbs/11_benchmark.ipynb #86ef6570
 def bench_finetune(scale:str='cpu', dataset:str='waterbirds_like', seed:int=0, preset:str='paper', repeats:int=3,
                    device=None)->dict:
-    "Time one fine-tuning epoch against one ERM epoch on the same model and data, and the mask recomputation."
+    "Time one fine-tuning epoch against one ERM epoch on the same model and data, and the mask recomputation. Module `silent_majority.benchmark`."
     from silent_majority.finetune import finetune_config, erm_of, auxiliary_mask, finetune_epoch, initial_models
     from silent_majority.train import cached_erm, train_epoch
     device = get_device(device); cfg = finetune_config(dataset, scale, preset, seed)
@@ -169,7 +169,7 @@ EXPLORER_STEPS = (('k', 4), ('k', 5), ('k', 4), ('group', 2), ('criterion', 'mag
                   ('scope', 'global'), ('split', 'test'), ('split', 'train'))
 
 def bench_explorer(scale:str='cpu', dataset:str='waterbirds_like', seed:int=0, device=None)->dict:
-    "Seconds of each explorer update for a sequence of control changes, and as multiples of one training-split pass."
+    "Seconds of each explorer update for a sequence of control changes, and as multiples of one training-split pass. Module `silent_majority.benchmark`."
     from silent_majority.train import cached_erm, erm_config
     from silent_majority.widgets import Explorer, scope_layers
     cached_erm(erm_config(dataset, scale=scale, seed=seed), device=device)     # trained once, outside the clock
@@ -218,7 +218,7 @@ NUMERICS_CAPPED = {'avx2 on an AVX2-only MKL': dict(SM_NUMERICS='avx2', MKL_ENAB
                    'portable on an SSE4.2 MKL': dict(SM_NUMERICS='portable', MKL_ENABLE_INSTRUCTIONS='SSE4_2')}
 
 def bench_numerics(scale:str='cpu', dataset:str='waterbirds_like', epochs:int=2, repeats:int=2)->dict:
-    "Training seconds of each numerics mode over `native`'s, the weights' SHA-256 per mode, and whether capped runs agree."
+    "Training seconds of each numerics mode over `native`'s, the weights' SHA-256 per mode, and whether capped runs agree. Module `silent_majority.benchmark`."
     modes = list(NUMERICS_MODES); runs = {m: [] for m in modes}
     for _ in range(repeats):                              # interleaved, so a busy spell hits every mode alike
         for m in modes: runs[m].append(_numerics_child(dataset, scale, epochs, {'SM_NUMERICS': m}))
@@ -243,7 +243,7 @@ def bench_regenerate(
     more_workers:int=4,      # step 4: the training phase with more workers asked for
     seed:int=0,
 )->dict:
-    "Time today's serial regeneration against training first in parallel, and the training phase's schedule, each from an empty run cache."
+    "Time today's serial regeneration against training first in parallel, and the training phase's schedule, each from an empty run cache. Module `silent_majority.benchmark`."
     from silent_majority.regenerate import regenerate, train_planned
     from silent_majority.cluster import usable_cores
     figures, params = list(figures), {'seed': seed}
@@ -281,7 +281,7 @@ def bench_regenerate(
 
 # %% ../nbs/11_benchmark.ipynb #c8bf4378
 def main(argv:list|None=None)->int:
-    "`sm-bench [--scale S] [--only tracing finetune explorer numerics regenerate]`: write figures/bench_{tracing,finetune,explorer,numerics,regenerate}.json."
+    "`sm-bench [--scale S] [--only tracing finetune explorer numerics regenerate]`: write figures/bench_{tracing,finetune,explorer,numerics,regenerate}.json. Module `silent_majority.benchmark`."
     ap = argparse.ArgumentParser(prog='sm-bench', description='Benchmark the Stage I engine, Stage II fine-tuning and the explorer.')
     ap.add_argument('--scale', default='cpu', choices=SCALES)
     ap.add_argument('--dataset', default='waterbirds_like'); ap.add_argument('--seed', type=int, default=0)

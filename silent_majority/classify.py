@@ -32,7 +32,7 @@ def embeddings(
     batch_size:int=512,
     device=None,          # None -> `get_device()`
 )->torch.Tensor:          # N x d float32, on the CPU
-    "Features of every example of `ds` through `fn`, in order."
+    "Features of every example of `ds` through `fn`, in order. Module `silent_majority.classify`."
     if not callable(fn): raise TypeError(f'fn must be callable (e.g. model.backbone), got {type(fn).__name__}')
     device = get_device(device)
     if isinstance(fn, nn.Module): fn.eval().to(device)
@@ -60,7 +60,7 @@ def linear_probe(
     max_iter:int=2000,        # L-BFGS iterations
     seed:int=0,               # `random_state` (L-BFGS itself is deterministic)
 )->dict:                      # {'train': acc, <name>: acc, ..., 'model': the fitted pipeline}
-    "Logistic regression on standardised features: accuracy on the training features and on each `evals` set."
+    "Logistic regression on standardised features: accuracy on the training features and on each `evals` set. Module `silent_majority.classify`."
     X, y = _check_xy(train_X, train_y, 'train')
     if len(np.unique(y)) < 2: raise ValueError(f'train: a probe needs at least 2 classes among the labels, got {np.unique(y).tolist()}')
     evals = {k: _check_xy(*v, k) for k, v in (evals or {}).items()}
@@ -92,7 +92,7 @@ def fit_classifier(
     progress:bool|None=None,      # a tqdm bar over epochs; None -> unless SM_PROGRESS=0
     desc:str='train',             # the bar's label
 )->nn.Module:                     # `model`, with `model.history` = mean training loss of each epoch
-    "Train `model` on `train_ds` with cross-entropy; deterministic for a given `seed`."
+    "Train `model` on `train_ds` with cross-entropy; deterministic for a given `seed`. Module `silent_majority.classify`."
     if optimizer not in ('sgd', 'adam'): raise ValueError(f"unknown optimizer {optimizer!r}: expected 'sgd' or 'adam'")
     for k, v in dict(epochs=epochs, batch_size=batch_size).items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if k == 'epochs' else 1):
@@ -133,7 +133,7 @@ def upsample_indices(
     n:int,          # size of the training split
     upweight:int,   # how many times each error-set example appears per epoch
 )->torch.Tensor:    # the correct set once, then the error set `upweight` times
-    "JTT's epoch: every example not in the error set once, every error-set example `upweight` times."
+    "JTT's epoch: every example not in the error set once, every error-set example `upweight` times. Module `silent_majority.classify`."
     if not isinstance(upweight, (int, np.integer)) or isinstance(upweight, bool) or upweight < 1:
         raise ValueError(f'upweight must be a positive int, got {upweight!r}')
     err = torch.as_tensor(error_set, dtype=torch.int64).flatten()
@@ -160,7 +160,7 @@ def jtt(
     progress:bool|None=None,
     **fit_kw,                  # passed to `fit_classifier` for both stages (lr, batch_size, optimizer, ...)
 )->dict:                       # {'identification': model, 'final': model, 'error_set': LongTensor of indices}
-    "Just Train Twice: an identification model, its error set on the training split, a fresh model on the up-sampled set."
+    "Just Train Twice: an identification model, its error set on the training split, a fresh model on the up-sampled set. Module `silent_majority.classify`."
     bad = {'indices', 'sample_weights', 'epochs'} & set(fit_kw)
     if bad: raise ValueError(f'jtt sets {sorted(bad)} itself: use id_epochs, upweight and epochs')
     ident = fit_classifier(model_fn(), train_ds, epochs=id_epochs, seed=seed, device=device, progress=progress,
@@ -180,7 +180,7 @@ def course_metrics(
     device=None,
     probe_C:float=1.0,          # inverse regularisation of the probe
 )->dict:
-    "Per-group, worst-group and average accuracy, and how predictable the colour is (from predictions and embeddings)."
+    "Per-group, worst-group and average accuracy, and how predictable the colour is (from predictions and embeddings). Module `silent_majority.classify`."
     if ds.n_classes != ds.n_attr:
         raise ValueError(f'course_metrics expects one colour per class (n_attr == n_classes), got {ds.n_classes} classes '
                          f'and {ds.n_attr} attribute values')
@@ -215,7 +215,7 @@ def _check(what, value, allowed):
 
 @dataclass
 class CourseConfig:
-    "Everything that determines a course-project model (and so its cache folder)."
+    "Everything that determines a course-project model (and so its cache folder). Module `silent_majority.classify`."
     dataset:str='spuco_mnist'      # the only dataset of the supervised part
     scale:str='cpu'                # 'smoke' | 'cpu' | 'paper'
     method:str='erm'               # 'erm' | 'jtt'
@@ -260,7 +260,7 @@ def course_config(
     dataset:str='spuco_mnist',
     **overrides,                # any `CourseConfig` field
 )->CourseConfig:
-    "The course-model config of a scale and a method, with `overrides` on top."
+    "The course-model config of a scale and a method, with `overrides` on top. Module `silent_majority.classify`."
     _check('scale', scale, COURSE_SCALES)
     names = [f.name for f in dataclasses.fields(CourseConfig)]
     bad = set(overrides) - set(names)
@@ -270,7 +270,7 @@ def course_config(
 
 # %% ../nbs/12_classify.ipynb #872d16ee
 def course_splits(cfg:CourseConfig)->dict: # {'train', 'val', 'test'} -> GroupDataset
-    "The three SpuCo MNIST splits of a config (paper scale insists on full MNIST on disk)."
+    "The three SpuCo MNIST splits of a config (paper scale insists on full MNIST on disk). Module `silent_majority.classify`."
     kw = dict(classes=cfg.classes, strength=cfg.strength, difficulty=cfg.difficulty, seed=cfg.seed,
               n_per_class=cfg.n_per_class, n_eval_per_class=cfg.n_eval_per_class,
               val='balanced')                     # as SpuCo's quickstarts: val built without a strength
@@ -308,7 +308,7 @@ def _fit_course(cfg:CourseConfig, run:Run, device=None)->dict:
     return res
 
 class CourseRun(CachedRun):
-    "A finished course model from the run cache."
+    "A finished course model from the run cache. Module `silent_majority.classify`."
     def __repr__(self): return f'CourseRun({self.cfg.method} seed {self.cfg.seed}, {self.run.dir.name})'
     def load_splits(self)->dict: return course_splits(self.cfg)
     def model(self, which:str='final', device=None)->nn.Module: # 'final' | 'identification' (JTT only)
@@ -322,7 +322,7 @@ class CourseRun(CachedRun):
         return self.run.load_checkpoint('error_set')['error_set']
 
 def course_model(cfg:CourseConfig, device=None)->CourseRun:
-    "Train the model of `cfg` once (ERM or JTT); later calls, in any process, load it from the run cache."
+    "Train the model of `cfg` once (ERM or JTT); later calls, in any process, load it from the run cache. Module `silent_majority.classify`."
     if not isinstance(cfg, CourseConfig): raise TypeError(f'expected a CourseConfig (see course_config), got {type(cfg).__name__}')
     run, res = cached_run(cfg, lambda r: _train_course(cfg, r, device), kind=f'course-{cfg.method}')
     return CourseRun(cfg, run, res)

@@ -34,7 +34,7 @@ SWEEP_KINDS = ('erm', 'finetune', 'jtt')   # the paper's runs, which `sm-sweep` 
 
 @dataclass
 class Task:
-    "One trained run to produce: its kind and its config."
+    "One trained run to produce: its kind and its config. Module `silent_majority.cluster`."
     kind:str        # one of `KINDS`: 'pretrain' | 'erm' | 'finetune' | 'jtt' | 'course-erm' | 'course-jtt' | 'contrastive'
     config:object   # its config: `PretrainConfig`, `ERMConfig`, `FinetuneConfig`, `JTTConfig`, `CourseConfig` or `ContrastiveConfig`
 
@@ -82,7 +82,7 @@ class Task:
         return out
 
 def as_task(t)->Task: # a Task, a (kind, config) pair, a `Task.to_dict()` dict, or a bare config
-    "Turn any of the usual ways of naming a run into a `Task`."
+    "Turn any of the usual ways of naming a run into a `Task`. Module `silent_majority.cluster`."
     if isinstance(t, Task): return t
     if isinstance(t, dict): return Task.from_dict(t)
     if isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str): return Task(*t)
@@ -94,7 +94,7 @@ def as_task(t)->Task: # a Task, a (kind, config) pair, a `Task.to_dict()` dict, 
 
 # %% ../nbs/13_cluster.ipynb #518d059c
 def schedule(tasks)->list[Task]: # anything `as_task` accepts
-    "The tasks to execute: missing dependencies added (pre-training, ERM), repeats dropped, every task after the ones it starts from (pre-training, then ERM, then the rest; order otherwise kept)."
+    "The tasks to execute: missing dependencies added (pre-training, ERM), repeats dropped, every task after the ones it starts from (pre-training, then ERM, then the rest; order otherwise kept). Module `silent_majority.cluster`."
     levels, seen = {}, set()
     for t in map(as_task, tasks):
         for depth, u in enumerate(t.chain()):
@@ -105,12 +105,12 @@ def schedule(tasks)->list[Task]: # anything `as_task` accepts
 COST_PER_EPOCH = {'pretrain': 0.8, 'erm': 1.0, 'jtt': 1.8, 'finetune': 1.8, 'contrastive': 1.7, 'course-erm': 0.25, 'course-jtt': 0.45}
 
 def task_cost(task)->float: # in ERM epochs
-    "A rough training cost, for ordering only: the task's epochs times its kind's cost of an epoch over an ERM epoch's (measured at cpu scale on one thread)."
+    "A rough training cost, for ordering only: the task's epochs times its kind's cost of an epoch over an ERM epoch's (measured at cpu scale on one thread). Module `silent_majority.cluster`."
     t = as_task(task); images = 1 + t.config.affine_copies if t.kind == 'pretrain' else 1   # warped copies make an epoch longer
     return COST_PER_EPOCH[t.kind] * t.config.epochs * images
 
 def priorities(tasks)->dict: # run name -> priority (higher starts first)
-    "Each scheduled task's cost plus that of the longest chain of tasks waiting on it: the longest chains start first, so no worker waits at the end for an ERM run."
+    "Each scheduled task's cost plus that of the longest chain of tasks waiting on it: the longest chains start first, so no worker waits at the end for an ERM run. Module `silent_majority.cluster`."
     todo = schedule(tasks); prio = {}
     for t in reversed(todo):                 # the schedule puts every task after the one it needs
         prio[t.name] = prio.get(t.name, 0.0) + task_cost(t)
@@ -118,33 +118,33 @@ def priorities(tasks)->dict: # run name -> priority (higher starts first)
     return {t.name: prio[t.name] for t in todo}
 
 def usable_cores()->int:
-    "The cores this process may run on (its CPU affinity, which container limits and `taskset` narrow), else the machine's count."
+    "The cores this process may run on (its CPU affinity, which container limits and `taskset` narrow), else the machine's count. Module `silent_majority.cluster`."
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 def local_processes(workers:int|None, n_tasks:int, cores:int|None=None)->int: # cores: None -> `usable_cores()`
-    "Worker processes the local backend starts: `workers`, at most one per core (each trains on one thread at smoke and cpu scale) and one per task; 1 means this process."
+    "Worker processes the local backend starts: `workers`, at most one per core (each trains on one thread at smoke and cpu scale) and one per task; 1 means this process. Module `silent_majority.cluster`."
     return max(1, min(workers or 1, cores or usable_cores(), n_tasks))
 
 # %% ../nbs/13_cluster.ipynb #85dca60d
 class WorkerSetupError(RuntimeError):
-    "A worker that cannot take part in a sweep: it sees another run cache, or runs another package version."
+    "A worker that cannot take part in a sweep: it sees another run cache, or runs another package version. Module `silent_majority.cluster`."
 
 def versions()->dict:
-    "The versions a result depends on: silent_majority, torch and Python."
+    "The versions a result depends on: silent_majority, torch and Python. Module `silent_majority.cluster`."
     return {'silent_majority': silent_majority.__version__, 'torch': torch.__version__, 'python': platform.python_version()}
 
 def client_marker()->dict: # token, cache, host, versions
-    "Write a marker file into this process's run cache, for `check_worker` to find on every worker."
+    "Write a marker file into this process's run cache, for `check_worker` to find on every worker. Module `silent_majority.cluster`."
     info = dict(token=secrets.token_hex(8), cache=str(cache_dir().resolve()), host=socket.gethostname(), versions=versions())
     atomic_write(cache_dir()/'sweeps'/info['token']/'client.json', json.dumps(info, indent=1))
     return info
 
 def remove_marker(marker:dict)->None:
-    "Remove the marker folder `client_marker` wrote."
+    "Remove the marker folder `client_marker` wrote. Module `silent_majority.cluster`."
     shutil.rmtree(cache_dir()/'sweeps'/marker['token'], ignore_errors=True)
 
 def check_worker(marker:dict, wait:float=5.0)->Path: # seconds to wait for the marker to show up
-    "This process's run cache if it is the client's and the package version matches; else `WorkerSetupError`."
+    "This process's run cache if it is the client's and the package version matches; else `WorkerSetupError`. Module `silent_majority.cluster`."
     here = cache_dir(); p = here/'sweeps'/marker['token']/'client.json'
     deadline = time.monotonic() + wait
     while not p.is_file():
@@ -168,7 +168,7 @@ def run_task(
     marker:dict|None=None, # from `client_marker`: check this worker first
     device=None,          # None -> `core.get_device()` on the worker
 )->dict:                  # kind, run, result, cached, seconds, host, pid, versions
-    "Execute one task here: train its run once into the run cache, or load it."
+    "Execute one task here: train its run once into the run cache, or load it. Module `silent_majority.cluster`."
     t = as_task(task)
     if marker is not None: check_worker(marker)
     done = cache_dir()/'runs'/t.name/'done.json'; before = _mtime(done); t0 = time.perf_counter()
@@ -185,7 +185,7 @@ BACKENDS = ('local', 'dask')
 CLUSTER_EXTRA = 'pip install -e ".[cluster]"'
 
 class SweepError(RuntimeError):
-    "Some tasks failed: `.errors` maps run names to errors; `.results` holds the records (None where a task failed)."
+    "Some tasks failed: `.errors` maps run names to errors; `.results` holds the records (None where a task failed). Module `silent_majority.cluster`."
     def __init__(self, msg, results, errors): super().__init__(msg); self.results, self.errors = results, errors
 
 def _import_dask():
@@ -277,7 +277,7 @@ def run_tasks(
     device=None,               # passed to the training functions (None: each worker's default)
     desc:str='runs',           # the progress bar's label
 )->list[dict]:                 # one record per task given (see `run_task`)
-    "Produce the runs of `tasks` (and the ERM runs they start from): here, in local worker processes, or on a Dask cluster sharing the run cache."
+    "Produce the runs of `tasks` (and the ERM runs they start from): here, in local worker processes, or on a Dask cluster sharing the run cache. Module `silent_majority.cluster`."
     if backend == 'ray':
         raise ValueError("backend 'ray' is not offered: expected 'local' or 'dask' (Dask covers the same clusters; "
                          "see the notes of silent_majority.cluster)")
@@ -305,7 +305,7 @@ def run_tasks(
 
 # %% ../nbs/13_cluster.ipynb #a88e31bf
 def parse_seeds(spec:str)->list[int]: # e.g. '0-9', '0,3,5-7'
-    "Seeds from a list of ints and inclusive ranges."
+    "Seeds from a list of ints and inclusive ranges. Module `silent_majority.cluster`."
     out = []
     for part in str(spec).replace(' ', ',').split(','):
         if not part: continue
@@ -318,7 +318,7 @@ def parse_seeds(spec:str)->list[int]: # e.g. '0-9', '0,3,5-7'
     return out
 
 def default_datasets(scale:str)->tuple: # the real benchmarks at paper scale, their spurious-MNIST stand-ins below
-    "The datasets a sweep covers by default at `scale`."
+    "The datasets a sweep covers by default at `scale`. Module `silent_majority.cluster`."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     return REAL_DATASETS if scale == 'paper' else SYNTHETIC_DATASETS
 
@@ -330,7 +330,7 @@ def sweep_tasks(
     presets=('paper',),                   # some of 'paper', 'official_code'
     criteria=('gradient', 'magnitude'),   # the fine-tunings' mask criteria
 )->list[Task]:                            # scheduled: ERM tasks first
-    "The tasks of a sweep over datasets x presets x seeds, built by the figures' own config functions."
+    "The tasks of a sweep over datasets x presets x seeds, built by the figures' own config functions. Module `silent_majority.cluster`."
     for what, vals, allowed in (('kinds', kinds, SWEEP_KINDS), ('presets', presets, TRAIN_PRESETS), ('criteria', criteria, MASK_CRITERIA)):
         bad = [v for v in vals if v not in allowed]
         if bad or not vals: raise ValueError(f'bad {what} {list(vals)}: expected some of {list(allowed)}')
@@ -345,7 +345,7 @@ def sweep_tasks(
     return schedule(tasks)
 
 def task_table(tasks)->pd.DataFrame:
-    "One row per task: kind, dataset, seed, preset, variant, run folder, the ERM run it starts from, cached or not."
+    "One row per task: kind, dataset, seed, preset, variant, run folder, the ERM run it starts from, cached or not. Module `silent_majority.cluster`."
     rows = []
     for t in map(as_task, tasks):
         c = t.config; dep = t.needs()
@@ -356,7 +356,7 @@ def task_table(tasks)->pd.DataFrame:
 
 # %% ../nbs/13_cluster.ipynb #fe16862f
 def main(argv:list|None=None)->int:
-    "Command line: `sm-sweep [--scale S] [--seeds 0-9] [--datasets D ...] [--kinds K ...] [--backend dask --address A] [--dry-run]`."
+    "Command line: `sm-sweep [--scale S] [--seeds 0-9] [--datasets D ...] [--kinds K ...] [--backend dask --address A] [--dry-run]`. Module `silent_majority.cluster`."
     ap = argparse.ArgumentParser(prog='sm-sweep', description='Train (or load) the runs of the figures for many seeds, '
                                  'here or on a Dask cluster sharing the run cache (SM_CACHE).')
     ap.add_argument('--scale', default='paper', choices=SCALES, help='smoke | cpu | paper (default)')

@@ -70,7 +70,7 @@ def color_mnist4(
     contrast:float=1.0,           # the colours pulled toward their mean (`data.cue_colors`); 1 -> as given
     jitter:float=0.0,             # each image's colour shifted by a uniform draw in [-jitter, jitter] per channel
 )->GroupDataset:
-    "MNIST digits on yellow/red/green/blue backgrounds, colour tied to the digit with `strength`: y = digit, a = colour."
+    "MNIST digits on yellow/red/green/blue backgrounds, colour tied to the digit with `strength`: y = digit, a = colour. Module `silent_majority.contrastive`."
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 <= strength <= 1:
         raise ValueError(f'strength must be a number in [0, 1] (0.25 = colour independent of the digit), got {strength!r}')
@@ -102,7 +102,7 @@ def color_mnist4(
 
 # %% ../nbs/08_contrastive.ipynb #d070123d
 class TwoCropTransform:
-    "Two independently augmented views of every image of a float batch."
+    "Two independently augmented views of every image of a float batch. Module `silent_majority.contrastive`."
     def __init__(self,
         transform=None,      # callable(x, generator=...) -> augmented batch; None -> `augment` with the settings below
         scale=(0.5, 1.0),    # RandomResizedCrop area range
@@ -126,7 +126,7 @@ class TwoCropTransform:
 ENCODER_LAYERS = ('conv1', 'conv2', 'conv3')
 
 class ConvEncoder(nn.Sequential):
-    "Three conv-BN-ReLU layers (max pooling after the first two), then global average pooling."
+    "Three conv-BN-ReLU layers (max pooling after the first two), then global average pooling. Module `silent_majority.contrastive`."
     def __init__(self,
         in_ch:int=3,           # image channels
         widths=(16, 32, 64),   # output channels of conv1, conv2, conv3; the representation is widths[-1]-d
@@ -151,7 +151,7 @@ class ConvEncoder(nn.Sequential):
         return super().forward(x)
 
 class SupConNet(nn.Module):
-    "A `ConvEncoder` and a 2-layer MLP projection head; the output is L2-normalised."
+    "A `ConvEncoder` and a 2-layer MLP projection head; the output is L2-normalised. Module `silent_majority.contrastive`."
     def __init__(self, in_ch:int=3, widths=(16, 32, 64),
                  head_dim:int=64,   # hidden width of the projection head
                  feat_dim:int=32):  # dimension of the projection the loss sees
@@ -163,7 +163,7 @@ class SupConNet(nn.Module):
 
 def supcon_net(in_ch:int=3, widths=(16, 32, 64), head_dim:int=64, feat_dim:int=32,
                seed:int|None=None)->SupConNet: # seed: seeds the initialisation only
-    "A freshly initialised `SupConNet` (the global random stream is left untouched)."
+    "A freshly initialised `SupConNet` (the global random stream is left untouched). Module `silent_majority.contrastive`."
     if seed is None: return SupConNet(in_ch, widths, head_dim, feat_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed); return SupConNet(in_ch, widths, head_dim, feat_dim)
@@ -175,7 +175,7 @@ def supcon_loss(
     temperature:float=0.07,       # softmax temperature t
     base_temperature:float|None=None, # the loss is scaled by t / base_temperature; None -> t (factor 1)
 )->torch.Tensor:                  # scalar
-    "SupContrast's SupCon loss over all views as anchors; SimCLR's NT-Xent when `labels` is None."
+    "SupContrast's SupCon loss over all views as anchors; SimCLR's NT-Xent when `labels` is None. Module `silent_majority.contrastive`."
     if not torch.is_tensor(features) or features.ndim != 3:
         raise ValueError(f'features must have shape [N, n_views, d] (e.g. torch.stack([z1, z2], 1)), got '
                          f'{tuple(getattr(features, "shape", ()))}')
@@ -205,7 +205,7 @@ _SCALES = SCALES
 
 @dataclass
 class ContrastiveConfig:
-    "Everything that determines a contrastive run (and so its cache folder)."
+    "Everything that determines a contrastive run (and so its cache folder). Module `silent_majority.contrastive`."
     dataset:str='color_mnist4'    # the only dataset here
     scale:str='cpu'               # 'smoke' | 'cpu' | 'paper'
     seed:int=0                    # model init, batch order, views, and which images get which colour
@@ -251,7 +251,7 @@ def contrastive_config(
     seed:int=0,
     **overrides,       # any `ContrastiveConfig` field
 )->ContrastiveConfig:
-    "The contrastive config of a scale, with `overrides` on top."
+    "The contrastive config of a scale, with `overrides` on top. Module `silent_majority.contrastive`."
     if scale not in _SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(_SCALES)}')
     names = [f.name for f in dataclasses.fields(ContrastiveConfig)]
     bad = sorted(set(overrides) - set(names))
@@ -264,7 +264,7 @@ def _epoch_generator(seed:int, epoch:int, stream:int, device='cpu')->torch.Gener
 
 
 def load_contrastive_splits(cfg:ContrastiveConfig)->dict: # {'train', 'val', 'test', 'val_correlated'} -> GroupDataset
-    "The splits of `cfg`'s 4-colour MNIST, plus the val digits coloured with the training correlation."
+    "The splits of `cfg`'s 4-colour MNIST, plus the val digits coloured with the training correlation. Module `silent_majority.contrastive`."
     kw = dict(strength=cfg.strength, seed=cfg.seed, n_per_digit=cfg.n_per_digit, contrast=cfg.contrast, jitter=cfg.jitter)
     out = {s: color_mnist4(s, balanced_eval=cfg.balanced_eval, **kw) for s in SPLITS}
     out['val_correlated'] = color_mnist4('val', balanced_eval=False, **kw)
@@ -305,7 +305,7 @@ def _fit_epochs(cfg:ContrastiveConfig, run:Run, train:GroupDataset, device)->dic
     return dict(epochs=cfg.epochs, final_loss=loss, seconds=round(time.perf_counter() - t0, 2), n_train=len(train))
 
 class ContrastiveRun(CachedRun):
-    "A finished contrastive run from the cache: its config, folder, result, splits and network."
+    "A finished contrastive run from the cache: its config, folder, result, splits and network. Module `silent_majority.contrastive`."
     def __repr__(self): return f'ContrastiveRun({self.run.dir.name}, final loss {self.result["final_loss"]:.3f})'
     def load_splits(self)->dict: return load_contrastive_splits(self.cfg)
     def net(self, device=None)->SupConNet:
@@ -321,7 +321,7 @@ def train_contrastive(
     cfg:ContrastiveConfig,
     device=None,           # None -> `get_device()`
 )->ContrastiveRun:
-    "Train `cfg`'s contrastive network once (cached by config); later calls load it."
+    "Train `cfg`'s contrastive network once (cached by config); later calls load it. Module `silent_majority.contrastive`."
     device = get_device(device); holder = {}
     def fn(run):
         splits = load_contrastive_splits(cfg); holder['splits'] = splits
@@ -350,7 +350,7 @@ def probe(
     device=None,
     features:dict|None=None,  # precomputed features {'train': X, 'val': X, <other>: X} to skip embedding
 )->dict:                      # train, val (and others), each also *_majority, *_minority; 'model' the fitted probe
-    "Linear-probe accuracy on train and val features of a frozen encoder, overall and on tied/other colours."
+    "Linear-probe accuracy on train and val features of a frozen encoder, overall and on tied/other colours. Module `silent_majority.contrastive`."
     if target not in ('y', 'a'): raise ValueError(f"unknown target {target!r}: expected 'y' (digit) or 'a' (colour)")
     sets = {'train': train_ds, 'val': val_ds, **(others or {})}
     features = dict(features or {})

@@ -22,7 +22,7 @@ __all__ = ['SCALES', 'TRAINING_THREADS', 'RUN_LOG', 'repo_root', 'data_dir', 'ca
 
 # %% ../nbs/00_core.ipynb #921721c1
 def repo_root()->Path: # the folder holding `settings.ini`, else the working directory
-    "The repository root: found from the package location, then from the working directory upwards."
+    "The repository root: found from the package location, then from the working directory upwards. Module `silent_majority.core`."
     here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
     for start in (here, Path.cwd().resolve()):
         for p in (start, *start.parents):
@@ -31,13 +31,19 @@ def repo_root()->Path: # the folder holding `settings.ini`, else the working dir
 
 def _env_dir(var, default): return Path(os.environ[var]).expanduser() if os.environ.get(var) else default
 
-def data_dir()->Path:    return _env_dir('SM_DATA', repo_root()/'data')      # real datasets (`SM_DATA`)
-def cache_dir()->Path:   return _env_dir('SM_CACHE', repo_root()/'.cache')   # runs, dataset caches (`SM_CACHE`)
-def figures_dir()->Path: return _env_dir('SM_FIGURES', repo_root()/'figures') # regenerated figures (`SM_FIGURES`)
+def data_dir()->Path:
+    "Where real datasets live: `SM_DATA`, else `data/`. Module `silent_majority.core`."
+    return _env_dir('SM_DATA', repo_root()/'data')
+def cache_dir()->Path:
+    "Where runs and dataset caches live: `SM_CACHE`, else `.cache/`. Module `silent_majority.core`."
+    return _env_dir('SM_CACHE', repo_root()/'.cache')
+def figures_dir()->Path:
+    "Where regenerated figures go: `SM_FIGURES`, else `figures/`. Module `silent_majority.core`."
+    return _env_dir('SM_FIGURES', repo_root()/'figures')
 
 @contextlib.contextmanager
 def environ(**values): # NAME=value (a str) or NAME=None (unset)
-    "Set (or, with None, unset) environment variables inside the block; each is restored afterwards, also on errors."
+    "Set (or, with None, unset) environment variables inside the block; each is restored afterwards, also on errors. Module `silent_majority.core`."
     old = {k: os.environ.get(k) for k in values}
     for k, v in values.items(): os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, str(v))
     try: yield
@@ -49,7 +55,7 @@ def seed_everything(
     seed:int,                 # seed for python, numpy and torch
     deterministic:bool=True,  # ask torch for deterministic algorithms (warn where none exists)
 )->int:
-    "Seed every random number generator the project touches; returns `seed`."
+    "Seed every random number generator the project touches; returns `seed`. Module `silent_majority.core`."
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f'seed must be an int, got {type(seed).__name__} {seed!r}')
     seed = int(seed)
@@ -61,7 +67,7 @@ def seed_everything(
     return seed
 
 def get_device(device:str|torch.device|None=None)->torch.device: # None -> `SM_DEVICE`, else CUDA if present, else CPU
-    "The torch device to run on."
+    "The torch device to run on. Module `silent_majority.core`."
     device = device or os.environ.get('SM_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu')
     try: dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -73,7 +79,7 @@ def get_device(device:str|torch.device|None=None)->torch.device: # None -> `SM_D
 # %% ../nbs/00_core.ipynb #e726d60f
 @contextlib.contextmanager
 def full_fp32():
-    "Within the block, float32 convolutions and matmuls on CUDA run in IEEE fp32, not TF32; the settings are restored."
+    "Within the block, float32 convolutions and matmuls on CUDA run in IEEE fp32, not TF32; the settings are restored. Module `silent_majority.core`."
     conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     old = conv.fp32_precision, mm.fp32_precision
     conv.fp32_precision = mm.fp32_precision = 'ieee'
@@ -86,7 +92,7 @@ TRAINING_THREADS = 1   # torch threads for training at smoke and cpu scale (what
 
 @contextlib.contextmanager
 def pinned_threads(n:int|None): # torch (intra-op) threads inside the block; None leaves the count alone
-    "Use `n` torch threads inside the block and yield the count in use; the caller's count is restored afterwards, also on errors."
+    "Use `n` torch threads inside the block and yield the count in use; the caller's count is restored afterwards, also on errors. Module `silent_majority.core`."
     if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
         raise ValueError(f'n must be a positive int or None, got {n!r}')
     old = torch.get_num_threads()
@@ -96,7 +102,7 @@ def pinned_threads(n:int|None): # torch (intra-op) threads inside the block; Non
         if torch.get_num_threads() != old: torch.set_num_threads(old)
 
 def training_threads(scale)->contextlib.AbstractContextManager: # 'smoke' | 'cpu' | 'paper', or a config with a `scale`
-    "`pinned_threads(TRAINING_THREADS)` at smoke and cpu scale, where trained weights depend on the thread count; at paper scale the count is left alone."
+    "`pinned_threads(TRAINING_THREADS)` at smoke and cpu scale, where trained weights depend on the thread count; at paper scale the count is left alone. Module `silent_majority.core`."
     s = getattr(scale, 'scale', scale)
     if s not in SCALES: raise ValueError(f"unknown scale {s!r}: expected one of {list(SCALES)}")
     return pinned_threads(TRAINING_THREADS if s in ('smoke', 'cpu') else None)
@@ -104,7 +110,7 @@ def training_threads(scale)->contextlib.AbstractContextManager: # 'smoke' | 'cpu
 # %% ../nbs/00_core.ipynb #97ec00cf
 @contextlib.contextmanager
 def atomic_path(path:str|Path): # final destination
-    "Yield a temporary path beside `path`; move it into place only if the block succeeds."
+    "Yield a temporary path beside `path`; move it into place only if the block succeeds. Module `silent_majority.core`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent); os.close(fd)
     umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 -> the usual mode
@@ -115,28 +121,28 @@ def atomic_path(path:str|Path): # final destination
         if os.path.exists(tmp): os.unlink(tmp)
 
 def atomic_write(path:str|Path, data:str|bytes)->Path: # text or bytes to write
-    "Write `data` to `path` atomically."
+    "Write `data` to `path` atomically. Module `silent_majority.core`."
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data.encode('utf-8') if isinstance(data, str) else data)
     return Path(path)
 
 class CorruptFileError(RuntimeError):
-    "A cache or checkpoint file that is truncated, altered, or not readable as what it should hold."
+    "A cache or checkpoint file that is truncated, altered, or not readable as what it should hold. Module `silent_majority.core`."
 
 class UnsafeFileError(ValueError):
-    "A file holding pickled objects other than tensors, numbers, strings and containers of them."
+    "A file holding pickled objects other than tensors, numbers, strings and containers of them. Module `silent_majority.core`."
 
 def _digest_path(path:Path)->Path: return path.with_name(path.name + '.sha256')
 
 def file_sha256(path:str|Path)->str:
-    "SHA-256 of a file's bytes, read in chunks."
+    "SHA-256 of a file's bytes, read in chunks. Module `silent_majority.core`."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
 def save_torch(obj, path:str|Path)->Path: # tensors, dicts, lists and numbers only
-    "`torch.save` atomically, recording the file's SHA-256 in `<path>.sha256`."
+    "`torch.save` atomically, recording the file's SHA-256 in `<path>.sha256`. Module `silent_majority.core`."
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp); digest = file_sha256(tmp)
@@ -145,14 +151,14 @@ def save_torch(obj, path:str|Path)->Path: # tensors, dicts, lists and numbers on
     return path
 
 def record_sha256(path:str|Path)->str:
-    "Record the SHA-256 of `path`'s bytes in `<path>.sha256` (written atomically); returns the digest."
+    "Record the SHA-256 of `path`'s bytes in `<path>.sha256` (written atomically); returns the digest. Module `silent_majority.core`."
     digest = file_sha256(path); atomic_write(_digest_path(Path(path)), digest + '\n'); return digest
 
 def check_file(
     path:str|Path,
     require_digest:bool=False, # a file without a recorded SHA-256 is not intact (every file of a cached run)
 )->str|None:                   # None if intact, else why not
-    "Why `path` is not intact: missing, its bytes differ from the recorded SHA-256, or none is recorded and `require_digest`."
+    "Why `path` is not intact: missing, its bytes differ from the recorded SHA-256, or none is recorded and `require_digest`. Module `silent_majority.core`."
     path = Path(path)
     if not path.is_file(): return f'{path} is missing'
     dp = _digest_path(path)
@@ -164,7 +170,7 @@ def check_file(
 
 def load_torch(path:str|Path, map_location='cpu',
                require_digest:bool=False): # refuse a file without a recorded SHA-256 (the run cache's files)
-    "`torch.load` with `weights_only=True` after checking the recorded SHA-256; never loads a damaged or unsafe file."
+    "`torch.load` with `weights_only=True` after checking the recorded SHA-256; never loads a damaged or unsafe file. Module `silent_majority.core`."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'no checkpoint or cache file at {path}')
     why = check_file(path, require_digest)
@@ -199,7 +205,7 @@ def _canon(o):
     raise TypeError(f'cannot put a {type(o).__name__} into a run config: use numbers, strings, lists, dicts')
 
 def to_json(o, **kw)->str:
-    "JSON for logs and results: numpy scalars, tensors of one element and paths allowed; NaN kept as `NaN`."
+    "JSON for logs and results: numpy scalars, tensors of one element and paths allowed; NaN kept as `NaN`. Module `silent_majority.core`."
     def default(v):
         if isinstance(v, (np.integer, np.floating)): return v.item()
         if isinstance(v, torch.Tensor) and v.numel() == 1: return v.item()
@@ -209,13 +215,13 @@ def to_json(o, **kw)->str:
     return json.dumps(o, default=default, **kw)
 
 def config_dict(cfg)->dict:
-    "A dataclass or dict config as a plain JSON-able dict."
+    "A dataclass or dict config as a plain JSON-able dict. Module `silent_majority.core`."
     d = _canon(cfg)
     if not isinstance(d, dict): raise TypeError(f'a config must be a dataclass or a dict, got {type(cfg).__name__}')
     return d
 
 def config_hash(cfg, n:int=12)->str: # hex digits kept
-    "Content hash of a config: equal configs, equal hashes, whatever the key order."
+    "Content hash of a config: equal configs, equal hashes, whatever the key order. Module `silent_majority.core`."
     return hashlib.sha256(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:n]
 
 # %% ../nbs/00_core.ipynb #db6062ee
@@ -259,7 +265,7 @@ def check_fields(
     obj,       # a dataclass instance (a run config)
     **rules,   # field -> a range for a number ('>0', '>=1', '[0, 1]', '(0, 1]') or a tuple of allowed values
 )->None:
-    "Check every field of `obj` against its type hint (TypeError), then the `rules` (ValueError); each error names the field and what was expected."
+    "Check every field of `obj` against its type hint (TypeError), then the `rules` (ValueError); each error names the field and what was expected. Module `silent_majority.core`."
     cls = type(obj); name = cls.__name__; hints = _hints(cls)
     unknown = set(rules) - {f.name for f in dataclasses.fields(obj)}
     if unknown: raise ValueError(f'rules for unknown {name} fields {sorted(unknown)}')
@@ -278,10 +284,10 @@ def check_fields(
 
 # %% ../nbs/00_core.ipynb #74963216
 class DamagedRunWarning(UserWarning):
-    "A cached run has files that are altered, truncated or without a recorded SHA-256: they are not loaded, and the run is computed again."
+    "A cached run has files that are altered, truncated or without a recorded SHA-256: they are not loaded, and the run is computed again. Module `silent_majority.core`."
 
 class CacheWriteError(OSError):
-    "A folder the project writes to (the run cache, the figures) cannot be created or written (a read-only or foreign folder, a path under a file, a full disk)."
+    "A folder the project writes to (the run cache, the figures) cannot be created or written (a read-only or foreign folder, a path under a file, a full disk). Module `silent_majority.core`."
 
 def _cache_write_error(root, e:OSError)->CacheWriteError:
     return CacheWriteError(f'cannot write the run cache at {root}: {(e.strerror or str(e)).lower()}')
@@ -291,17 +297,17 @@ def _write_recorded(path:Path, text:str)->None:
     _digest_path(path).unlink(missing_ok=True); atomic_write(path, text); record_sha256(path)
 
 def numerics_record()->dict:
-    "The numerics mode and torch's CPU capability of this process, for a trained run's result (beside `torch_threads`)."
+    "The numerics mode and torch's CPU capability of this process, for a trained run's result (beside `torch_threads`). Module `silent_majority.core`."
     st = numerics_state(); return dict(mode=st['mode'], cpu_capability=st['cpu_capability'])
 
 def numerics_key(config:dict)->dict: # a run's config as `config_dict` gives it
-    "The config a run is filed under: at smoke and cpu scale, a numerics mode other than the default joins it, so runs computed in different modes never stand in for each other."
+    "The config a run is filed under: at smoke and cpu scale, a numerics mode other than the default joins it, so runs computed in different modes never stand in for each other. Module `silent_majority.core`."
     mode = numerics_mode()
     if mode == DEFAULT_NUMERICS or config.get('scale') not in ('smoke', 'cpu'): return config
     return {**config, 'numerics': mode}
 
 def run_name(kind:str, cfg)->str: # e.g. 'erm-1a2b3c4d5e6f'
-    "The run-cache folder name of a run: `<kind>-<hash of its config>` (its config as `numerics_key` files it), as `Run` names it."
+    "The run-cache folder name of a run: `<kind>-<hash of its config>` (its config as `numerics_key` files it), as `Run` names it. Module `silent_majority.core`."
     return f'{kind}-{config_hash(numerics_key(config_dict(cfg)))}'
 
 RUN_LOG = 'SM_RUN_LOG'   # environment variable: a file to which every opened run appends its folder name
@@ -313,7 +319,7 @@ def _log_run(name:str)->None:
         with open(path, 'a') as f: f.write(name + '\n')
 
 class Run:
-    "A content-addressed folder for one run: config, metrics log, checkpoints, result."
+    "A content-addressed folder for one run: config, metrics log, checkpoints, result. Module `silent_majority.core`."
     def __init__(self, cfg, kind:str='run', root:str|Path|None=None): # config; a name prefix; cache root
         self.config = numerics_key(config_dict(cfg)); self.kind = kind; self.hash = config_hash(self.config)
         root = Path(root or cache_dir()/'runs'); self.dir = root/f'{kind}-{self.hash}'; _log_run(self.dir.name)
@@ -409,7 +415,7 @@ class Run:
             finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 class CachedRun:
-    "A finished run from the run cache: its config, folder (`run`), result, and splits loaded once, on first use."
+    "A finished run from the run cache: its config, folder (`run`), result, and splits loaded once, on first use. Module `silent_majority.core`."
     def __init__(self, cfg, run:Run, result:dict): self.cfg, self.run, self.result, self._splits = cfg, run, result, None
     def load_splits(self)->dict: raise NotImplementedError(f'{type(self).__name__} must say how its splits are loaded')
     def splits(self)->dict:
@@ -417,15 +423,15 @@ class CachedRun:
         return self._splits
 
 def show_progress(progress:bool|None=None)->bool:
-    "Whether to draw progress bars: `progress` if given, else unless the environment sets `SM_PROGRESS=0`."
+    "Whether to draw progress bars: `progress` if given, else unless the environment sets `SM_PROGRESS=0`. Module `silent_majority.core`."
     return (os.environ.get('SM_PROGRESS', '1') != '0') if progress is None else bool(progress)
 
 def cpu_weights(model)->dict:
-    "A detached CPU copy of `model.state_dict()`, as checkpoints store it."
+    "A detached CPU copy of `model.state_dict()`, as checkpoints store it. Module `silent_majority.core`."
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 def parse_assignment(text:str, what:str='NAME=VALUE')->tuple: # (name, value)
-    "`NAME=VALUE` from a command line: VALUE read as a Python literal (3, 0.5, None, [0, 40]), else as JSON (null, true), else a string."
+    "`NAME=VALUE` from a command line: VALUE read as a Python literal (3, 0.5, None, [0, 40]), else as JSON (null, true), else a string. Module `silent_majority.core`."
     name, eq, value = text.partition('=')
     if not eq or not name.isidentifier(): raise ValueError(f'expected {what}, got {text!r}')
     try: return name, ast.literal_eval(value)
@@ -434,7 +440,7 @@ def parse_assignment(text:str, what:str='NAME=VALUE')->tuple: # (name, value)
     except json.JSONDecodeError: return name, value
 
 def cached_run(cfg, fn, kind:str='run', root=None)->tuple[Run, dict]: # fn(run) -> JSON-able result
-    "Run `fn(run)` once per config; later calls return the stored result without running it."
+    "Run `fn(run)` once per config; later calls return the stored result without running it. Module `silent_majority.core`."
     run = Run(cfg, kind=kind, root=root)
     if run.done and not run.damaged(): return run, run.result()
     with run.lock():

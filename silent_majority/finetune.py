@@ -33,7 +33,7 @@ MASK_CRITERIA = ('gradient', 'magnitude', 'combined', 'smallest_weights')
 GRAD_SOURCES = ('all', 'minority')
 
 def neuron_mask(model:nn.Module, neurons:list)->dict: # [(layer, index)] -> {layer: mask}
-    "A mask that zeroes the weight slice of each `(layer, index)` neuron."
+    "A mask that zeroes the weight slice of each `(layer, index)` neuron. Module `silent_majority.finetune`."
     masks = {}
     for layer, i in neurons:
         w = model.get_submodule(layer).weight
@@ -43,7 +43,7 @@ def neuron_mask(model:nn.Module, neurons:list)->dict: # [(layer, index)] -> {lay
     return masks
 
 def smallest_weights_mask(model:nn.Module, frac:float, candidates='conv')->dict:
-    "A mask that zeroes the `frac` smallest-magnitude individual weights over the candidate layers."
+    "A mask that zeroes the `frac` smallest-magnitude individual weights over the candidate layers. Module `silent_majority.finetune`."
     if not 0 < frac <= 1: raise ValueError(f'frac must be in (0, 1], got {frac!r}')
     layers = candidate_layers(model, candidates)
     ws = [model.get_submodule(n).weight.detach() for n in layers]
@@ -65,7 +65,7 @@ def auxiliary_mask(
     seed:int=0,                   # the random draw of gradient samples
     device=None,
 )->tuple[dict, dict]:             # masks, info (criterion, n_masked, layers)
-    "The auxiliary model's mask, computed from the model's current weights."
+    "The auxiliary model's mask, computed from the model's current weights. Module `silent_majority.finetune`."
     if criterion not in MASK_CRITERIA: raise ValueError(f'unknown mask criterion {criterion!r}: expected one of {list(MASK_CRITERIA)}')
     if grad_source not in GRAD_SOURCES: raise ValueError(f'unknown grad_source {grad_source!r}: expected one of {list(GRAD_SOURCES)}')
     if criterion == 'smallest_weights':
@@ -83,12 +83,12 @@ def auxiliary_mask(
 
 # %% ../nbs/06_finetune.ipynb #109275c9
 def masked_forward(model:nn.Module, masks:dict, x:torch.Tensor)->torch.Tensor:
-    "`model(x)` with each masked layer's weight multiplied by its mask, sharing every other parameter and buffer."
+    "`model(x)` with each masked layer's weight multiplied by its mask, sharing every other parameter and buffer. Module `silent_majority.finetune`."
     params = {f'{layer}.weight': model.get_submodule(layer).weight * m for layer, m in masks.items()}
     return functional_call(model, params, (x,))
 
 class Penultimate:
-    "Context manager: `.value` holds the input of the model's final linear layer after each forward."
+    "Context manager: `.value` holds the input of the model's final linear layer after each forward. Module `silent_majority.finetune`."
     def __init__(self, model:nn.Module): self.layer = model.get_submodule(classifier_name(model)); self.value = None
     def __enter__(self):
         self._h = self.layer.register_forward_hook(lambda m, inp, out: setattr(self, 'value', inp[0])); return self
@@ -98,7 +98,7 @@ class Penultimate:
 SUP_LOSSES = ('mse', 'ce')
 
 def nt_xent(a:torch.Tensor, b:torch.Tensor, tau:float=0.5)->torch.Tensor:
-    "SimCLR's NT-Xent between paired rows of `a` and `b` (B x D each), averaged over the 2B anchors."
+    "SimCLR's NT-Xent between paired rows of `a` and `b` (B x D each), averaged over the 2B anchors. Module `silent_majority.finetune`."
     if a.ndim != 2 or a.shape != b.shape or len(a) < 2:
         raise ValueError(f'a and b must both be B x D with B >= 2, got {tuple(a.shape)} and {tuple(b.shape)}')
     if tau <= 0: raise ValueError(f'tau must be > 0, got {tau}')
@@ -108,7 +108,7 @@ def nt_xent(a:torch.Tensor, b:torch.Tensor, tau:float=0.5)->torch.Tensor:
     return F.cross_entropy(sim, target)
 
 def supervised_loss(out:torch.Tensor, y:torch.Tensor, kind:str='mse', probabilities:bool=False)->torch.Tensor:
-    "MSE(softmax output, one-hot) or cross-entropy; `probabilities`: `out` already holds probabilities."
+    "MSE(softmax output, one-hot) or cross-entropy; `probabilities`: `out` already holds probabilities. Module `silent_majority.finetune`."
     if kind not in SUP_LOSSES: raise ValueError(f'unknown supervised loss {kind!r}: expected one of {list(SUP_LOSSES)}')
     if kind == 'ce': return F.cross_entropy(out, y)
     p = out if probabilities else out.softmax(1)
@@ -117,7 +117,7 @@ def supervised_loss(out:torch.Tensor, y:torch.Tensor, kind:str='mse', probabilit
 # %% ../nbs/06_finetune.ipynb #ae9abd78
 @dataclass(frozen=True)
 class FinetuneConfig:
-    "Stage II fine-tuning settings (see `finetune_config` for the presets)."
+    "Stage II fine-tuning settings (see `finetune_config` for the presets). Module `silent_majority.finetune`."
     dataset:str='waterbirds_like'
     scale:str='cpu'
     preset:str='paper'             # 'paper' | 'official_code': also the ERM run's preset
@@ -163,7 +163,7 @@ _FT_PRESETS = {'paper': dict(views='two', features='projection', sup_loss='mse',
                                      forwards=3)}
 
 def finetune_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='paper', seed:int=0, **overrides)->FinetuneConfig:
-    "The fine-tuning config of a scale and a preset, with `overrides` (any `FinetuneConfig` field) on top."
+    "The fine-tuning config of a scale and a preset, with `overrides` (any `FinetuneConfig` field) on top. Module `silent_majority.finetune`."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     if preset not in TRAIN_PRESETS: raise ValueError(f'unknown preset {preset!r}: expected one of {list(TRAIN_PRESETS)}')
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
@@ -178,25 +178,25 @@ def finetune_config(dataset:str='waterbirds_like', scale:str='cpu', preset:str='
     return FinetuneConfig(**kw)
 
 def paper_dataset(dataset:str, scale:str)->str:
-    "At paper scale the spurious-MNIST names stand for the real benchmarks they imitate (as in `erm_config`)."
+    "At paper scale the spurious-MNIST names stand for the real benchmarks they imitate (as in `erm_config`). Module `silent_majority.finetune`."
     return {'waterbirds_like': 'waterbirds', 'celeba_like': 'celeba'}.get(dataset, dataset) if scale == 'paper' else dataset
 
 def with_regime(erm_overrides:dict, scale:str)->dict:
-    "`erm_overrides` naming the ERM regime as configs file it: below paper scale the regime (the scale's default if absent) is kept unless it is 'scratch', the regime of every config made before regimes existed."
+    "`erm_overrides` naming the ERM regime as configs file it: below paper scale the regime (the scale's default if absent) is kept unless it is 'scratch', the regime of every config made before regimes existed. Module `silent_majority.finetune`."
     eo = dict(erm_overrides)
     if scale == 'paper' or scale not in DEFAULT_REGIME: return eo
     r = eo.pop('regime', DEFAULT_REGIME[scale])
     return eo if r == 'scratch' else {**eo, 'regime': r}
 
 def erm_of(cfg)->ERMConfig: # a FinetuneConfig or a JTTConfig
-    "The ERM config the fine-tuning (or JTT) starts from, with the config's `erm_overrides` on top (no `regime` there: 'scratch')."
+    "The ERM config the fine-tuning (or JTT) starts from, with the config's `erm_overrides` on top (no `regime` there: 'scratch'). Module `silent_majority.finetune`."
     eo = dict(cfg.erm_overrides)
     if cfg.scale != 'paper': eo.setdefault('regime', 'scratch')
     return erm_config(cfg.dataset, scale=cfg.scale, preset=cfg.preset, seed=cfg.seed, **eo)
 
 # %% ../nbs/06_finetune.ipynb #1c1fa4fd
 def projection_head(dim:int, out_dim:int, seed:int=0)->nn.Module:
-    "SimCLR's projection head: Linear(dim, dim) - ReLU - Linear(dim, out_dim)."
+    "SimCLR's projection head: Linear(dim, dim) - ReLU - Linear(dim, out_dim). Module `silent_majority.finetune`."
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed); return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out_dim))
 
@@ -214,7 +214,7 @@ def finetune_epoch(model:nn.Module, head:nn.Module|None, masks:dict, opt, train:
                    epoch:int, device,
                    scaler:torch.amp.GradScaler|None=None, # `train.grad_scaler(cfg.amp, device)`: needed for amp='fp16'
                    )->dict: # summed losses: total, nt, sup
-    "One epoch of contrastive fine-tuning against the masked model."
+    "One epoch of contrastive fine-tuning against the masked model. Module `silent_majority.finetune`."
     if cfg.amp == 'fp16' and scaler is None: raise ValueError("amp='fp16' needs a GradScaler: pass scaler=grad_scaler('fp16', device)")
     model.train(); head is not None and head.train(); probs = outputs_probabilities(model); autocast = amp_context(cfg.amp, device)
     order = torch.randperm(len(train), generator=_gen(cfg.seed, epoch)); gen = _gen(cfg.seed, epoch, device)
@@ -255,7 +255,7 @@ def _load_state(model, head, st):
     if head is not None: load_weights(head, {k[5:]: v for k, v in st.items() if k.startswith('head.')})
 
 def initial_models(cfg:FinetuneConfig, erm:ERMRun, device)->tuple: # model, head (or None), optimiser
-    "The ERM model at the kick-in epoch, a fresh projection head if the config contrasts head features, and their Adam."
+    "The ERM model at the kick-in epoch, a fresh projection head if the config contrasts head features, and their Adam. Module `silent_majority.finetune`."
     model = erm.model(cfg.kick_in, device=device)
     if cfg.channels_last and torch.device(device).type == 'cuda': model = model.to(memory_format=torch.channels_last)   # as train_erm
     return _head_and_optimizer(model, erm.splits()['train'], cfg, device)
@@ -292,7 +292,7 @@ def _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start:in
     return best
 
 def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
-    "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
+    "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads. Module `silent_majority.finetune`."
     with training_threads(cfg) as threads:
         return dict(_finetune(cfg, run, device), torch_threads=threads, numerics=numerics_record())
 
@@ -331,7 +331,7 @@ def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:
     return dict(best_epoch=b, best=rows[b], erm_start=rows[0], last=rows[cfg.epochs], erm_run=erm.run.dir.name)
 
 class FinetuneRun:
-    "A finished fine-tuning run from the cache."
+    "A finished fine-tuning run from the cache. Module `silent_majority.finetune`."
     def __init__(self, cfg:FinetuneConfig, run:Run, result:dict): self.cfg, self.run, self.result = cfg, run, result
     def __repr__(self): return f'FinetuneRun({self.run.dir.name}, best epoch {self.result["best_epoch"]})'
     def erm(self)->ERMRun: return cached_erm(erm_of(self.cfg))
@@ -343,7 +343,7 @@ class FinetuneRun:
     def metrics(self)->list[dict]: return self.run.metrics()
 
 def cached_finetune(cfg:FinetuneConfig, device=None)->FinetuneRun:
-    "Fine-tune `cfg` once (resuming if interrupted); later calls load the stored run."
+    "Fine-tune `cfg` once (resuming if interrupted); later calls load the stored run. Module `silent_majority.finetune`."
     def train(r):
         result = finetune(cfg, r, device=device); drop_resume_state(r, cfg.keep_resume_state); return result
     run, result = cached_run(cfg, train, kind='finetune')

@@ -30,7 +30,7 @@ __all__ = ['TINY', 'ENGINE_RATIO_BOUND', 'SCRATCH_VARS', 'FIXTURES', 'CHECKS', '
 # %% ../nbs/15_gpucheck.ipynb #ca1d6c6d
 @dataclass(frozen=True)
 class CheckSizes:
-    "Every size of the GPU check. Defaults, the GPU run: fixtures of 512/32/16 images per group at full resolution read at 224 px, each ERM run 2 epochs x 100 steps of 256, Stage II in batches of 100; `TINY`: the CPU test's."
+    "Every size of the GPU check. Defaults, the GPU run: fixtures of 512/32/16 images per group at full resolution read at 224 px, each ERM run 2 epochs x 100 steps of 256, Stage II in batches of 100; `TINY`: the CPU test's. Module `silent_majority.gpucheck`."
     n_train:int=512                 # training images per group, in each fixture
     n_val:int=32                    # validation images per group
     n_test:int=16                   # test images per group: the split Stage I is compared on across devices
@@ -55,7 +55,7 @@ def check_sizes(
     steps:int|None=None,          # ERM steps per epoch
     n_per_group:int|None=None,    # training images per group
 )->CheckSizes:
-    "The sizes of a run: the GPU defaults or `TINY`, with the command line's overrides."
+    "The sizes of a run: the GPU defaults or `TINY`, with the command line's overrides. Module `silent_majority.gpucheck`."
     s = TINY if tiny else CheckSizes()
     for name, v in (('steps', steps), ('n_per_group', n_per_group)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -67,7 +67,7 @@ SCRATCH_VARS = ('SM_DATA', 'SM_CACHE')
 
 @contextlib.contextmanager
 def scratch_env(parent:str|Path|None=None): # folder to create the scratch folder in (None: the system's temporary folder)
-    "A temporary folder with `data/` as `SM_DATA` and `cache/` as `SM_CACHE` inside the block; both variables are restored and the folder removed afterwards."
+    "A temporary folder with `data/` as `SM_DATA` and `cache/` as `SM_CACHE` inside the block; both variables are restored and the folder removed afterwards. Module `silent_majority.gpucheck`."
     with tempfile.TemporaryDirectory(prefix='sm-gpu-check-', dir=parent) as tmp:
         root = Path(tmp); (root/'data').mkdir(); (root/'cache').mkdir()
         with environ(SM_DATA=root/'data', SM_CACHE=root/'cache'): yield root
@@ -75,7 +75,7 @@ def scratch_env(parent:str|Path|None=None): # folder to create the scratch folde
 # %% ../nbs/15_gpucheck.ipynb #9d55d9d3
 @dataclass
 class CheckContext:
-    "What the checks share: the device, the sizes, the scratch folder, and what earlier checks produced."
+    "What the checks share: the device, the sizes, the scratch folder, and what earlier checks produced. Module `silent_majority.gpucheck`."
     device:torch.device
     sizes:CheckSizes
     root:Path                                  # the scratch folder (`scratch_env`)
@@ -95,7 +95,7 @@ class CheckContext:
 FIXTURES = {'waterbirds': (load_waterbirds, 'waterbird_complete95_forest2water2'), 'celeba': (load_celeba, 'celeba')}
 
 def run_check(fn, ctx:CheckContext)->dict: # fn(ctx) -> a record
-    "Run one check: its record, with `seconds`, and `passed` False with the `error` when it raised or returned no verdict."
+    "Run one check: its record, with `seconds`, and `passed` False with the `error` when it raised or returned no verdict. Module `silent_majority.gpucheck`."
     t = time.perf_counter()
     try:
         rec = dict(fn(ctx))
@@ -109,14 +109,14 @@ def run_check(fn, ctx:CheckContext)->dict: # fn(ctx) -> a record
     return rec
 
 def check_line(name:str, rec:dict)->str:
-    "One line per check: name, verdict, seconds, and its summary (or why it failed or was skipped)."
+    "One line per check: name, verdict, seconds, and its summary (or why it failed or was skipped). Module `silent_majority.gpucheck`."
     status = {True: 'ok', False: 'FAILED', None: 'skipped'}[rec['passed']]
     text = rec.get('error') or rec.get('skipped') or rec.get('summary', '')
     return f"{name:<20} {status:<8}{rec['seconds']:7.1f} s  {text}"
 
 # %% ../nbs/15_gpucheck.ipynb #9f44cd18
 def check_fixtures(ctx:CheckContext)->dict:
-    "Write the Waterbirds and CelebA fixtures at full resolution and decode every split once at the sizes' image size."
+    "Write the Waterbirds and CelebA fixtures at full resolution and decode every split once at the sizes' image size. Module `silent_majority.gpucheck`."
     S = ctx.sizes; counts = (S.n_train, S.n_val, S.n_test); t = time.perf_counter()
     waterbirds_fixture(ctx.data/FIXTURES['waterbirds'][1], n_per_group=counts, size=S.waterbirds_wh)
     celeba_fixture(ctx.data/FIXTURES['celeba'][1], n_per_group=counts, size=S.celeba_wh)
@@ -132,13 +132,13 @@ def check_fixtures(ctx:CheckContext)->dict:
 
 # %% ../nbs/15_gpucheck.ipynb #925be995
 def erm_check_config(arch:str, amp:str|None, sizes:CheckSizes)->ERMConfig: # 'resnet50' | 'vit_s16'; None (fp32) | 'bf16'
-    "The paper's ERM config for `arch` on Waterbirds, shortened to the sizes' epochs and batch, from scratch."
+    "The paper's ERM config for `arch` on Waterbirds, shortened to the sizes' epochs and batch, from scratch. Module `silent_majority.gpucheck`."
     return erm_config('waterbirds', 'paper', 'paper', seed=0, arch=arch, amp=amp, init='scratch', epochs=sizes.erm_epochs,
                       batch_size=sizes.batch_size, keep_epochs=(),
                       image_size=224 if arch in TRANSFORMER_ARCHS else sizes.image_size)
 
 def check_erm(ctx:CheckContext, arch:str='resnet50', amp:str|None=None)->dict:
-    "Paper-scale ERM for `erm_epochs` epochs of `erm_steps` steps; images/s of the last epoch."
+    "Paper-scale ERM for `erm_epochs` epochs of `erm_steps` steps; images/s of the last epoch. Module `silent_majority.gpucheck`."
     S, dev = ctx.sizes, ctx.device
     if amp == 'bf16' and dev.type != 'cuda':
         return dict(passed=None, skipped='bf16 autocast is checked on a GPU only (on the CPU it is slow and no paper run uses it)')
@@ -176,7 +176,7 @@ def engine_vs_model(
     split:str='train',
     repeats:int=10,        # timed passes of each (engine and bare model alternating)
 )->dict:
-    "Images/s of the best engine pass and of the best bare-model pass on the same batches already in float on the device, and their ratio."
+    "Images/s of the best engine pass and of the best bare-model pass on the same batches already in float on the device, and their ratio. Module `silent_majority.gpucheck`."
     ds = eng.splits[split]; n, bs = len(ds), eng.batch_size
     with torch.inference_mode(): xs = [to_float(eng.x[split][i:i + bs], ds.mean, ds.std) for i in range(0, n, bs)]
     def bare():
@@ -192,14 +192,14 @@ def engine_vs_model(
                 engine_seconds_all=t_eng, model_seconds_all=t_bare, n_images=n, batch_size=bs)
 
 def stage1_model(ctx:CheckContext)->tuple[nn.Module, str]: # the model, where its weights come from
-    "The fp32 ResNet-50 the ERM check trained, else a freshly initialised one (seeded), in eval mode on the CPU."
+    "The fp32 ResNet-50 the ERM check trained, else a freshly initialised one (seeded), in eval mode on the CPU. Module `silent_majority.gpucheck`."
     m = make_model(erm_check_config('resnet50', None, ctx.sizes)); st = ctx.weights.get('erm_resnet50_fp32')
     if st is not None: load_weights(m, st)
     return m.eval(), 'erm_resnet50_fp32' if st is not None else 'freshly initialised'
 
 # %% ../nbs/15_gpucheck.ipynb #80d7b8d6
 def check_stage1_engine(ctx:CheckContext)->dict:
-    "Engine pass against the bare model on the cached uint8 training split (the verdict), and the Fig. 2 suite against its floor."
+    "Engine pass against the bare model on the cached uint8 training split (the verdict), and the Fig. 2 suite against its floor. Module `silent_majority.gpucheck`."
     S, dev = ctx.sizes, ctx.device; ds = ctx.load('waterbirds')['train']; model, source = stage1_model(ctx)
     kw = dict(candidates=preset_candidates('paper', 'resnet50'), rule='paper', device=dev, dataset='waterbirds')
     eng = TracingEngine(model, {'train': ds}, **kw)
@@ -230,7 +230,7 @@ def stage1_result(
     device,
     threads:int|None=None,   # torch threads for the whole computation (None: leave the count alone)
 )->tuple:                    # (result table, unmodified outputs on the CPU)
-    "Global top-k zeroing (k = `sizes.agree_ks`, both criteria) read on `ds`, and the unmodified model's outputs, computed on `device`."
+    "Global top-k zeroing (k = `sizes.agree_ks`, both criteria) read on `ds`, and the unmodified model's outputs, computed on `device`. Module `silent_majority.gpucheck`."
     m = make_model(erm_check_config('resnet50', None, sizes)); load_weights(m, state)
     with pinned_threads(threads):
         eng = TracingEngine(m.eval(), {'test': ds}, candidates=preset_candidates('paper', 'resnet50'), rule='paper',
@@ -242,7 +242,7 @@ def stage1_result(
     return df, out
 
 def check_stage1_agreement(ctx:CheckContext)->dict:
-    "The same small Stage I result on the CPU and on the device (on the CPU alone: 1 thread against several) must agree."
+    "The same small Stage I result on the CPU and on the device (on the CPU alone: 1 thread against several) must agree. Module `silent_majority.gpucheck`."
     model, source = stage1_model(ctx); state = model.state_dict(); ds = ctx.load('waterbirds')['test']
     if ctx.device.type == 'cuda':
         runs = {'cpu': ('cpu', None), f'{ctx.device} ({torch.cuda.get_device_name(ctx.device)})': (ctx.device, None)}
@@ -261,13 +261,13 @@ def check_stage1_agreement(ctx:CheckContext)->dict:
 
 # %% ../nbs/15_gpucheck.ipynb #499fd05e
 def stage2_check_config(sizes:CheckSizes):
-    "The paper preset's fine-tuning config on CelebA for one epoch, from a one-epoch ERM run trained from scratch."
+    "The paper preset's fine-tuning config on CelebA for one epoch, from a one-epoch ERM run trained from scratch. Module `silent_majority.gpucheck`."
     return finetune_config('celeba', 'paper', 'paper', seed=0, kick_in=1, epochs=1, batch_size=sizes.ft_batch_size,
                            erm_overrides=dict(epochs=1, batch_size=sizes.batch_size, init='scratch',
                                               image_size=sizes.image_size, keep_epochs=()))
 
 def check_stage2_epoch(ctx:CheckContext)->dict:
-    "One Stage II epoch (the paper preset) on the CelebA fixture; images/s of its training steps."
+    "One Stage II epoch (the paper preset) on the CelebA fixture; images/s of its training steps. Module `silent_majority.gpucheck`."
     cfg = stage2_check_config(ctx.sizes); ft = cached_finetune(cfg, device=ctx.device)
     erm = ft.erm(); row, erm_row = ft.metrics()[-1], erm.run.metrics()[-1]; n = len(erm.splits()['train'])
     losses = {k: row[f'loss_{k}'] for k in ('total', 'nt', 'sup')}
@@ -282,14 +282,14 @@ def check_stage2_epoch(ctx:CheckContext)->dict:
 
 # %% ../nbs/15_gpucheck.ipynb #a952e36d
 def torchrun_command(ctx:CheckContext)->list[str]:
-    "The torchrun command line of the check: one process, one paper-scale ERM epoch on the Waterbirds fixture."
+    "The torchrun command line of the check: one process, one paper-scale ERM epoch on the Waterbirds fixture. Module `silent_majority.gpucheck`."
     S = ctx.sizes
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1', '-m', 'silent_majority.train',
             '--dataset', 'waterbirds', '--scale', 'paper', '--seed', '0', '--epochs', '1', '--batch-size', str(S.batch_size),
             '--device', str(ctx.device), '--set', 'init=scratch', '--set', f'image_size={S.image_size}', '--set', 'keep_epochs=[]']
 
 def check_torchrun(ctx:CheckContext)->dict:
-    "Paper-scale ERM through torchrun with one process: exit 0, one process, one finished run; images/s of its epoch."
+    "Paper-scale ERM through torchrun with one process: exit 0, one process, one finished run; images/s of its epoch. Module `silent_majority.gpucheck`."
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
     cmd, tmp = torchrun_command(ctx), ctx.root/'tmp'; tmp.mkdir(exist_ok=True); t = time.perf_counter()
     r = subprocess.run(cmd, env={**env, 'SM_PROGRESS': '0', 'TMPDIR': str(tmp)},   # torchrun's logs stay in the scratch folder
@@ -321,7 +321,7 @@ CHECKS = {
 GPU_BUDGET_S = 480   # what the default sizes must fit on one modern GPU
 
 def device_info(device:torch.device)->dict:
-    "The device's name and, for a GPU, its compute capability, memory and bf16 support; torch, CUDA and cuDNN versions."
+    "The device's name and, for a GPU, its compute capability, memory and bf16 support; torch, CUDA and cuDNN versions. Module `silent_majority.gpucheck`."
     info = dict(type=device.type, torch=torch.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
     if device.type != 'cuda': return dict(name=cpu_model(), **info)
@@ -330,7 +330,7 @@ def device_info(device:torch.device)->dict:
                 bf16_supported=torch.cuda.is_bf16_supported(), n_gpus=torch.cuda.device_count(), **info)
 
 def gather(records:dict)->dict:
-    "Every throughput and ratio of the checks' records under `check.name`, and bf16's speed-up over fp32 for each architecture."
+    "Every throughput and ratio of the checks' records under `check.name`, and bf16's speed-up over fp32 for each architecture. Module `silent_majority.gpucheck`."
     tp = {f'{c}.{k}': v for c, r in records.items() for k, v in r.get('images_per_s', {}).items()}
     ratios = {f'{c}.{k}': v for c, r in records.items() for k, v in r.get('ratios', {}).items()}
     for arch in ('resnet50', 'vit_s16'):
@@ -345,7 +345,7 @@ def gpu_check(
     scratch:str|Path|None=None,      # where to create the scratch folder (None: the system's temporary folder)
     report=None,                     # report(line) after each check; None: print above the progress bar
 )->dict:
-    "Run the checks on `device` in a scratch folder; the report (`passed`, device, every check's record, throughputs, ratios)."
+    "Run the checks on `device` in a scratch folder; the report (`passed`, device, every check's record, throughputs, ratios). Module `silent_majority.gpucheck`."
     dev = get_device(device); sizes = sizes or CheckSizes(); report = report or tqdm.write
     bad = sorted(set(only or ()) - set(CHECKS))
     if bad: raise ValueError(f'unknown checks {bad}: expected some of {list(CHECKS)}')
@@ -368,7 +368,7 @@ def gpu_check(
 
 # %% ../nbs/15_gpucheck.ipynb #9d99ab73
 def main(argv:list|None=None)->int:
-    "`sm-gpu-check [--device D] [--tiny] [--steps N] [--n-per-group N] [--only CHECK ...] [--out PATH] [--scratch DIR]`: the GPU check, written to figures/bench_gpu.json."
+    "`sm-gpu-check [--device D] [--tiny] [--steps N] [--n-per-group N] [--only CHECK ...] [--out PATH] [--scratch DIR]`: the GPU check, written to figures/bench_gpu.json. Module `silent_majority.gpucheck`."
     ap = argparse.ArgumentParser(prog='sm-gpu-check', description='Run the paper-scale paths on a GPU for a few minutes and '
                                  'write figures/bench_gpu.json; exits 1 if a check fails, 0 without a CUDA device.')
     ap.add_argument('--device', help='cuda (default) | cuda:N | cpu (the same checks on the CPU; use with --tiny)')

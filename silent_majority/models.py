@@ -38,7 +38,7 @@ def _check_sizes(**sizes):
             raise ValueError(f'{k} must be a positive int, got {v!r}')
 
 def n_params(model:nn.Module)->int:
-    "Number of parameters of `model`."
+    "Number of parameters of `model`. Module `silent_majority.models`."
     return sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/02_models.ipynb #f2e5073e
@@ -48,7 +48,7 @@ def tiny_cnn(
     width:int=8,            # output channels of `conv1`; `conv2` has twice as many
     seed:int|None=None,     # seeds the initialisation only
 )->nn.Sequential:
-    "conv1-bn1-ReLU-maxpool, conv2-bn2-ReLU, global average pool, `fc`."
+    "conv1-bn1-ReLU-maxpool, conv2-bn2-ReLU, global average pool, `fc`. Module `silent_majority.models`."
     _check_sizes(n_classes=n_classes, in_ch=in_ch, width=width)
     with _seeded(seed):
         return nn.Sequential(OrderedDict(
@@ -59,7 +59,7 @@ def tiny_cnn(
 
 # %% ../nbs/02_models.ipynb #8fe4da49
 class LeNetBackbone(nn.Module):
-    "SpuCo's LeNet-5 features: two 5x5 convs with max pooling, then 400 -> 120 -> 84 with ReLUs."
+    "SpuCo's LeNet-5 features: two 5x5 convs with max pooling, then 400 -> 120 -> 84 with ReLUs. Module `silent_majority.models`."
     def __init__(self, in_ch:int=3): # image channels; images are in_ch x 28 x 28
         super().__init__()
         self.features = nn.Sequential(
@@ -75,7 +75,7 @@ class LeNetBackbone(nn.Module):
         return F.relu(self.fc_2(F.relu(self.fc_1(x))))
 
 class LeNet(nn.Module):
-    "SpuCo's layout: a LeNet `backbone` giving an 84-d representation, then a linear `classifier`."
+    "SpuCo's layout: a LeNet `backbone` giving an 84-d representation, then a linear `classifier`. Module `silent_majority.models`."
     def __init__(self, n_classes:int=5, in_ch:int=3):
         super().__init__()
         self.backbone = LeNetBackbone(in_ch)
@@ -85,13 +85,13 @@ class LeNet(nn.Module):
     def forward(self, x): return self.classifier(self.backbone(x))
 
 def lenet(n_classes:int=5, in_ch:int=3, seed:int|None=None)->LeNet: # seed: seeds the initialisation only
-    "A freshly initialised `LeNet`."
+    "A freshly initialised `LeNet`. Module `silent_majority.models`."
     _check_sizes(n_classes=n_classes, in_ch=in_ch)
     with _seeded(seed): return LeNet(n_classes, in_ch)
 
 # %% ../nbs/02_models.ipynb #6610ef15
 class SmallResNet(nn.Module):
-    "A torchvision-style BasicBlock ResNet for small images: 3x3 stem, stages `layer1..layerN`, `fc`."
+    "A torchvision-style BasicBlock ResNet for small images: 3x3 stem, stages `layer1..layerN`, `fc`. Module `silent_majority.models`."
     def __init__(self,
         n_classes:int=2, in_ch:int=3,
         widths:tuple=(16, 32, 64), # output channels of each stage
@@ -125,7 +125,7 @@ class SmallResNet(nn.Module):
 
 def small_resnet(n_classes:int=2, in_ch:int=3, widths:tuple=(16, 32, 64), blocks:tuple=(1, 1, 1),
                  seed:int|None=None)->SmallResNet: # seed: seeds the initialisation only
-    "A freshly initialised `SmallResNet`."
+    "A freshly initialised `SmallResNet`. Module `silent_majority.models`."
     with _seeded(seed): return SmallResNet(n_classes, in_ch, widths, blocks)
 
 # %% ../nbs/02_models.ipynb #b0ce3136
@@ -171,12 +171,12 @@ def load_weights(
     path_or_state, # a checkpoint file or a state dict of this package, possibly under 'model' or 'state_dict'
     what:str='checkpoint', # how errors name it
 )->nn.Module:
-    "Load a whole-model checkpoint into `model` strictly; returns `model`. Released-code checkpoints are refused."
+    "Load a whole-model checkpoint into `model` strictly; returns `model`. Released-code checkpoints are refused. Module `silent_majority.models`."
     return _load_state(model, _state_dict(path_or_state, what), what=what)
 
 # %% ../nbs/02_models.ipynb #87b889b6
 def weights_file(name:str)->Path: # a file name such as 'resnet50-0676ba61.pth'
-    "`$SM_WEIGHTS/name`; a clear error if `SM_WEIGHTS` is unset or the file is not there."
+    "`$SM_WEIGHTS/name`; a clear error if `SM_WEIGHTS` is unset or the file is not there. Module `silent_majority.models`."
     folder = os.environ.get('SM_WEIGHTS')
     if not folder:
         raise FileNotFoundError(f'SM_WEIGHTS is not set: set it to a folder holding {name} (weights are never downloaded)')
@@ -198,7 +198,7 @@ def resnet50(
     weights_path:str|Path|None=None, # a local torchvision ImageNet state dict, e.g. resnet50-0676ba61.pth
     seed:int|None=None,              # seeds the initialisation (of `fc` alone when weights are loaded)
 )->torchvision.models.ResNet:
-    "torchvision's ResNet-50, optionally with local ImageNet weights, and a new `fc` for `n_classes`."
+    "torchvision's ResNet-50, optionally with local ImageNet weights, and a new `fc` for `n_classes`. Module `silent_majority.models`."
     _check_sizes(n_classes=n_classes)
     sd = None if weights_path is None else _pretrained_state(weights_path, 'ResNet-50 ImageNet weights')
     with _seeded(seed):
@@ -222,7 +222,7 @@ def deit_to_torchvision(
     sd:dict,               # a timm/DeiT ViT state dict (`cls_token`, `blocks.{i}...`), any depth
     keep_head:bool=False,  # keep `head.*` (as `heads.head.*`); by default it is dropped
 )->dict:
-    "Rename a timm-format ViT state dict to the keys of torchvision's `VisionTransformer`."
+    "Rename a timm-format ViT state dict to the keys of torchvision's `VisionTransformer`. Module `silent_majority.models`."
     out, unknown = {}, []
     for k, v in sd.items():
         if k.startswith('head.') and not keep_head: continue
@@ -241,7 +241,7 @@ def vit_s16(
     weights_path:str|Path|None=None, # a local DeiT-S file (timm format) or a torchvision-format ViT-S/16 state dict
     seed:int|None=None,              # seeds the initialisation
 )->torchvision.models.VisionTransformer:
-    "ViT-S/16 (DeiT-S shape) as torchvision's `VisionTransformer`, optionally with local weights, and a new head."
+    "ViT-S/16 (DeiT-S shape) as torchvision's `VisionTransformer`, optionally with local weights, and a new head. Module `silent_majority.models`."
     _check_sizes(n_classes=n_classes)
     sd = None if weights_path is None else _pretrained_state(weights_path, 'ViT-S/16 (DeiT-S) weights')
     with _seeded(seed):
@@ -257,7 +257,7 @@ def vit_s16(
 _HEAD_NAMES = ('fc', 'classifier', 'heads.head')
 
 def classifier_name(model:nn.Module)->str:
-    "Dotted name of the final linear layer: 'fc', 'classifier', 'heads.head', or '<name>.0' inside a softmax head."
+    "Dotted name of the final linear layer: 'fc', 'classifier', 'heads.head', or '<name>.0' inside a softmax head. Module `silent_majority.models`."
     mods = dict(model.named_modules())
     for name in _HEAD_NAMES:
         m = mods.get(name)
@@ -268,14 +268,14 @@ def classifier_name(model:nn.Module)->str:
     return linears[-1]
 
 def outputs_probabilities(model:nn.Module)->bool:
-    "Whether the final linear layer is followed by a softmax inside its `Sequential` (the official code's head)."
+    "Whether the final linear layer is followed by a softmax inside its `Sequential` (the official code's head). Module `silent_majority.models`."
     name = classifier_name(model)
     if not name.endswith('.0'): return False
     parent = model.get_submodule(name[:-2])
     return isinstance(parent, nn.Sequential) and isinstance(parent[-1], nn.Softmax)
 
 def add_softmax_output(model:nn.Module)->nn.Module:
-    "Wrap the final linear layer in `Sequential(Linear, Softmax(dim=1))`, in place; returns `model`."
+    "Wrap the final linear layer in `Sequential(Linear, Softmax(dim=1))`, in place; returns `model`. Module `silent_majority.models`."
     if outputs_probabilities(model): return model
     name = classifier_name(model)
     parent_name, _, attr = name.rpartition('.')
@@ -297,7 +297,7 @@ def build_model(
     seed:int|None=None,              # seeds the initialisation only
     **arch_kwargs,                   # passed to the builder, e.g. widths=(8, 16, 32) for small_resnet
 )->nn.Module:
-    "Build a model by name; it outputs logits unless `softmax_output`."
+    "Build a model by name; it outputs logits unless `softmax_output`. Module `silent_majority.models`."
     if arch not in MODELS: raise ValueError(f'unknown arch {arch!r}: expected one of {list(MODELS)}')
     accepted = set(inspect.signature(MODELS[arch]).parameters) - {'n_classes', 'in_ch', 'weights_path', 'seed'}
     bad = sorted(set(arch_kwargs) - accepted)
@@ -368,7 +368,7 @@ def load_official_checkpoint(
     path:str|Path,         # an `epoch_N_checkpoints.pth.tar` written by the authors' released code
     arch:str='resnet50',   # 'resnet50' | 'vit_s16' (the released code's `resnet50` and `deit_small`)
 )->nn.Module:              # in eval mode, on the CPU; outputs probabilities, unit y = class y
-    "Load a released-code checkpoint, swapping its two output units so that unit y is class y."
+    "Load a released-code checkpoint, swapping its two output units so that unit y is class y. Module `silent_majority.models`."
     if arch not in OFFICIAL_ARCHS:
         raise ValueError(f"unknown arch {arch!r}: expected one of {list(OFFICIAL_ARCHS)} "
                          f"(the released code's resnet50 and deit_small)")

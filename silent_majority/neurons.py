@@ -24,7 +24,7 @@ __all__ = ['CANDIDATE_SETS', 'CANDIDATE_PRESETS', 'TRANSFORMER_CANDIDATES', 'GRA
 
 # %% ../nbs/04_neurons.ipynb #417a4fe7
 def neuron_layers(model:nn.Module)->dict: # dotted name -> module, in model order
-    "Every layer whose output channels or rows are neurons: the `Conv2d` and `Linear` modules of `model`."
+    "Every layer whose output channels or rows are neurons: the `Conv2d` and `Linear` modules of `model`. Module `silent_majority.neurons`."
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 # %% ../nbs/04_neurons.ipynb #6acd6c14
@@ -36,7 +36,7 @@ CANDIDATE_PRESETS = {  # reading -> criterion -> candidate set
 TRANSFORMER_CANDIDATES = {'magnitude': 'linear', 'gradient': 'linear'}   # ViT: neurons of the linear layers
 
 def preset_candidates(preset:str, arch:str)->dict: # criterion -> candidate set
-    "The candidate sets of a reading (`CANDIDATE_PRESETS`) for an architecture: linear neurons for transformers."
+    "The candidate sets of a reading (`CANDIDATE_PRESETS`) for an architecture: linear neurons for transformers. Module `silent_majority.neurons`."
     if preset not in CANDIDATE_PRESETS: raise ValueError(f'unknown preset {preset!r}: expected one of {list(CANDIDATE_PRESETS)}')
     return dict(TRANSFORMER_CANDIDATES) if arch in TRANSFORMER_ARCHS else dict(CANDIDATE_PRESETS[preset])
 
@@ -50,7 +50,7 @@ def candidate_layers(
     model:nn.Module,
     candidates:str|list='all', # a name in `CANDIDATE_SETS`, or a list of `Conv2d`/`Linear` names
 )->list[str]:                  # layer names, in model order
-    "Names of the layers whose neurons are candidates."
+    "Names of the layers whose neurons are candidates. Module `silent_majority.neurons`."
     layers = neuron_layers(model)
     if isinstance(candidates, str):
         if candidates == 'all': out = list(layers)
@@ -81,7 +81,7 @@ def neuron_table(
     model:nn.Module,
     candidates:str|list='all', # see `candidate_layers`
 )->pd.DataFrame:
-    "One row per candidate neuron: layer, index, kind, fan_in, magnitude, layer_pos."
+    "One row per candidate neuron: layer, index, kind, fan_in, magnitude, layer_pos. Module `silent_majority.neurons`."
     pos = {n: i for i, n in enumerate(neuron_layers(model))}; frames = []
     for name in candidate_layers(model, candidates):
         m = model.get_submodule(name); w = m.weight
@@ -96,7 +96,7 @@ def magnitude_scores(
     model:nn.Module,
     candidates:str|list='all', # see `candidate_layers`
 )->dict:                       # layer -> 1-D float tensor (CPU), one L2 norm per neuron
-    "The L2 norm of every candidate neuron's weight slice."
+    "The L2 norm of every candidate neuron's weight slice. Module `silent_majority.neurons`."
     return {n: _norms(model.get_submodule(n).weight) for n in candidate_layers(model, candidates)}
 
 # %% ../nbs/04_neurons.ipynb #8a9da333
@@ -107,7 +107,7 @@ def _standard_strides(shape)->tuple:
 
 @contextlib.contextmanager
 def standard_layout(model:nn.Module): # its parameters get the standard strides within the block
-    "Within the block, every parameter of `model` with non-standard strides (channels-last conv weights, also 1x1 ones) is in the standard row-major layout; each gets its own storage and layout back afterwards, holding the block's values."
+    "Within the block, every parameter of `model` with non-standard strides (channels-last conv weights, also 1x1 ones) is in the standard row-major layout; each gets its own storage and layout back afterwards, holding the block's values. Module `silent_majority.neurons`."
     moved = [(p, p.data) for p in model.parameters() if p.ndim > 1 and p.stride() != _standard_strides(p.shape)]
     for p, old in moved: p.data = old.clone(memory_format=torch.contiguous_format)
     try: yield model
@@ -122,7 +122,7 @@ def gradient_scores(
     candidates:str|list='all',     # see `candidate_layers`
     probabilities:bool|None=None,  # the model outputs probabilities (None -> `outputs_probabilities(model)`)
 )->dict:                           # layer -> 1-D float tensor (CPU), one gradient L2 norm per neuron
-    "Per neuron, the L2 norm of the gradient of the batch-mean cross-entropy on (x, y) w.r.t. its weight slice."
+    "Per neuron, the L2 norm of the gradient of the batch-mean cross-entropy on (x, y) w.r.t. its weight slice. Module `silent_majority.neurons`."
     layers = candidate_layers(model, candidates)
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 2 and len(x)):
         raise ValueError(f'x must be a non-empty normalised float batch N x ..., got '
@@ -228,7 +228,7 @@ def group_gradient_scores(
     seed:int=0,
     device=None,
 )->dict:                        # layer -> 1-D tensor of gradient norms
-    "`gradient_scores` on the examples `gradient_samples` picks for `group`."
+    "`gradient_scores` on the examples `gradient_samples` picks for `group`. Module `silent_majority.neurons`."
     idx = gradient_samples(model, ds, group, rule, seed, device)
     x = to_float(ds.x[idx].to(get_device(device)), ds.mean, ds.std)
     return gradient_scores(model, x, ds.y[idx], candidates)
@@ -254,7 +254,7 @@ def resolve_k(
     k:int|float,  # a count, or a fraction of `n` in (0, 1]
     n:int,        # number of candidates
 )->int:
-    "The number of neurons `k` asks for out of `n` candidates."
+    "The number of neurons `k` asks for out of `n` candidates. Module `silent_majority.neurons`."
     if isinstance(k, (float, np.floating)):
         if not 0 < k <= 1: raise ValueError(f'k as a fraction must lie in (0, 1], got {k}')
         return max(1, round(float(k) * n))
@@ -265,7 +265,7 @@ def resolve_k(
     return int(k)
 
 def scores_frame(scores:dict)->pd.DataFrame: # layer -> 1-D tensor
-    "One row per neuron: layer, index, score, global rank (1 = highest), percentile (100 = highest)."
+    "One row per neuron: layer, index, score, global rank (1 = highest), percentile (100 = highest). Module `silent_majority.neurons`."
     _check_scores(scores)
     names, li, ix, vals = _flat(scores); n = len(vals)
     rank = np.empty(n, dtype=np.int64); rank[_order(vals, True)] = np.arange(1, n + 1)
@@ -285,11 +285,11 @@ def top_k(
     k:int|float,                 # a count, or a fraction of the candidates in (0, 1]
     within_layer:str|None=None,  # rank inside this layer only
 )->list[tuple]:                  # [(layer, index)], highest first
-    "The k highest-scored neurons (ties: layer order, then index)."
+    "The k highest-scored neurons (ties: layer order, then index). Module `silent_majority.neurons`."
     return _ranked(scores, k, within_layer, True)
 
 def bottom_k(scores:dict, k:int|float, within_layer:str|None=None)->list[tuple]: # lowest first
-    "The k lowest-scored neurons (ties: layer order, then index)."
+    "The k lowest-scored neurons (ties: layer order, then index). Module `silent_majority.neurons`."
     return _ranked(scores, k, within_layer, False)
 
 def random_k(
@@ -299,7 +299,7 @@ def random_k(
     exclude=(),                  # (layer, index) pairs never drawn, e.g. the top-k
     within_layer:str|None=None,  # draw inside this layer only
 )->list[tuple]:                  # [(layer, index)] in layer order, then index
-    "k neurons drawn uniformly without replacement, seeded."
+    "k neurons drawn uniformly without replacement, seeded. Module `silent_majority.neurons`."
     _check_scores(scores)
     if within_layer is not None:
         if within_layer not in scores: raise ValueError(f'unknown layer {within_layer!r}: expected one of {list(scores)}')
@@ -343,7 +343,7 @@ def apply_modification(
     seed:int=0,             # seeds the draws
     reference=None,         # 'rewind': the state dict (or model) of an earlier checkpoint
 )->Callable:                # call it to restore the touched slices exactly
-    "Modify `neurons` of `model` in place; returns the function that undoes it."
+    "Modify `neurons` of `model` in place; returns the function that undoes it. Module `silent_majority.neurons`."
     if mode not in MODES: raise ValueError(f'unknown mode {mode!r}: expected one of {list(MODES)}')
     if mode.startswith('random') and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f'mode {mode!r} needs sigma > 0 (the std of the Gaussian draws), got {sigma!r}')
@@ -385,7 +385,7 @@ def modify(
     seed:int=0,             # seeds the draws
     reference=None,         # 'rewind': the state dict (or model) of an earlier checkpoint
 ):
-    "Modify `neurons` in place inside the block; restore them exactly on leaving it, even on error."
+    "Modify `neurons` in place inside the block; restore them exactly on leaving it, even on error. Module `silent_majority.neurons`."
     restore = apply_modification(model, neurons, mode, sigma, seed, reference)
     try: yield model
     finally: restore()

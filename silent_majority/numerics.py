@@ -21,27 +21,27 @@ DEFAULT_NUMERICS = 'avx2'
 _CAPABILITY = {'avx2': 'AVX2', 'default': 'DEFAULT', 'avx512': 'AVX512'}   # ATEN_CPU_CAPABILITY -> what torch reports
 
 class NumericsWarning(UserWarning):
-    "The pinned CPU numerics are not in effect in this process, so its results may differ from other machines'."
+    "The pinned CPU numerics are not in effect in this process, so its results may differ from other machines'. Module `silent_majority.numerics`."
 
 def numerics_mode(mode:str|None=None)->str: # None -> `SM_NUMERICS`, else the default
-    "The numerics mode asked for: `mode`, else the `SM_NUMERICS` variable, else `DEFAULT_NUMERICS`."
+    "The numerics mode asked for: `mode`, else the `SM_NUMERICS` variable, else `DEFAULT_NUMERICS`. Module `silent_majority.numerics`."
     mode = mode or os.environ.get('SM_NUMERICS') or DEFAULT_NUMERICS
     if mode not in NUMERICS_MODES:
         raise ValueError(f'unknown numerics mode {mode!r} (SM_NUMERICS): expected one of {list(NUMERICS_MODES)}')
     return mode
 
 def numerics_env(mode:str|None=None)->dict: # variable -> value
-    "The environment variables a process needs, before torch's first operation, to compute in `mode`."
+    "The environment variables a process needs, before torch's first operation, to compute in `mode`. Module `silent_majority.numerics`."
     return dict(NUMERICS_MODES[numerics_mode(mode)])
 
 # %% ../nbs/00_numerics.ipynb #8d990255
 def set_numerics(mode:str|None=None)->dict: # variable -> value now in the environment
-    "Put `mode`'s variables into `os.environ` (a variable already set is left as it is); returns those of `NUMERICS_VARS` now set."
+    "Put `mode`'s variables into `os.environ` (a variable already set is left as it is); returns those of `NUMERICS_VARS` now set. Module `silent_majority.numerics`."
     for k, v in numerics_env(mode).items(): os.environ.setdefault(k, v)
     return {k: os.environ[k] for k in NUMERICS_VARS if k in os.environ}
 
 def numerics_state(mode:str|None=None)->dict:
-    "The mode, the variables in the environment, the CPU capability torch uses, and whether they are what the mode asks for."
+    "The mode, the variables in the environment, the CPU capability torch uses, and whether they are what the mode asks for. Module `silent_majority.numerics`."
     import torch
     mode = numerics_mode(mode); want = numerics_env(mode)
     env = {k: os.environ.get(k) for k in NUMERICS_VARS}
@@ -50,7 +50,7 @@ def numerics_state(mode:str|None=None)->dict:
     return dict(mode=mode, env=env, cpu_capability=cap, in_effect=ok)
 
 def check_numerics(mode:str|None=None)->dict:
-    "`numerics_state`, with a `NumericsWarning` saying what to do when the mode is not in effect."
+    "`numerics_state`, with a `NumericsWarning` saying what to do when the mode is not in effect. Module `silent_majority.numerics`."
     st = numerics_state(mode)
     if not st['in_effect']:
         want = numerics_env(st['mode'])

@@ -23,7 +23,7 @@ __all__ = ['FIG1_SEEDS', 'STAGE1_SEEDS', 'ABLATION_SEEDS', 'CALIBRATION_SEEDS', 
 
 # %% ../nbs/14_plan.ipynb #e8deb28f
 def ablation_variants(scale:str)->dict: # name -> FinetuneConfig overrides
-    "The fine-tuning variants of Supplementary Tables 4-10 at a scale (the kick-in and epoch values follow the scale)."
+    "The fine-tuning variants of Supplementary Tables 4-10 at a scale (the kick-in and epoch values follow the scale). Module `silent_majority.plan`."
     if scale == 'paper':
         kick = {'Table 5: kick-in 30': dict(kick_in=30), 'Table 5: kick-in 35': dict(kick_in=35)}
         more = {'Table 6: 30 fine-tuning epochs': dict(epochs=30)}
@@ -79,7 +79,7 @@ CONTRASTIVE_GRID = {   # the contrastive data, most spurious first (correlation,
 }
 
 def calibration_runs(scale:str, seed:int=0, search:bool|None=None)->list[tuple]: # [(kind, config)]
-    "The runs of the calibration notebook: with `search` (default at smoke scale) every setting of the grids; without, the defaults the search chose (shared with Fig. 6, c1 and c3). At paper scale, the default ERM runs alone (checked against the same targets)."
+    "The runs of the calibration notebook: with `search` (default at smoke scale) every setting of the grids; without, the defaults the search chose (shared with Fig. 6, c1 and c3). At paper scale, the default ERM runs alone (checked against the same targets). Module `silent_majority.plan`."
     if scale not in FIG1_SEEDS: raise ValueError(f"unknown scale {scale!r}: expected one of ['smoke', 'cpu', 'paper']")
     search = scale == 'smoke' if search is None else search
     if search and scale == 'paper': raise ValueError('the search calibrates the spurious-MNIST stand-ins: at paper scale pass search=False')
@@ -143,7 +143,7 @@ FIGURE_RUNS = {   # figure id -> (default dataset, function(dataset, scale, seed
 def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0, arch:str|None=None,
                 search:bool|None=None, # the calibration notebook's `search` (None: its default)
                )->list[tuple]: # [(kind, config)], no repeats; every run after the ones it starts from (`cluster.Task.chain`)
-    "The runs figure notebook `figure` asks the run cache for, with these parameters (None: the notebook's default)."
+    "The runs figure notebook `figure` asks the run cache for, with these parameters (None: the notebook's default). Module `silent_majority.plan`."
     if figure not in FIGURE_RUNS: raise ValueError(f'unknown figure {figure!r}: expected one of {list(FIGURE_RUNS)}')
     default, fn = FIGURE_RUNS[figure]
     if arch and (figure.startswith('c') or figure == 'calibration'):
@@ -159,7 +159,7 @@ def figure_runs(figure:str, scale:str='paper', dataset:str|None=None, seed:int=0
 PLAN_PARAMETERS = ('dataset', 'seed', 'arch', 'search')   # the notebook parameters a plan follows (scale and out_dir aside)
 
 def figure_tasks(figures:list, scale:str='paper', parameters:dict|None=None)->list[tuple]: # [(kind, config)], no repeats
-    "Every run the figure notebooks `figures` ask for when run with `parameters` (some of `PLAN_PARAMETERS`; other figure ids plan nothing)."
+    "Every run the figure notebooks `figures` ask for when run with `parameters` (some of `PLAN_PARAMETERS`; other figure ids plan nothing). Module `silent_majority.plan`."
     parameters = parameters or {}; bad = sorted(set(parameters) - set(PLAN_PARAMETERS))
     if bad: raise ValueError(f'a plan follows the parameters {list(PLAN_PARAMETERS)}, got {bad}')
     out, seen = [], set()
@@ -173,7 +173,7 @@ def figure_tasks(figures:list, scale:str='paper', parameters:dict|None=None)->li
     return out
 
 def unplanned_runs(figure:str, asked:list, scale:str='paper', parameters:dict|None=None)->list[str]: # run names, first asked first
-    "The runs in `asked` (run-cache folder names a figure notebook opened) that the plan of `figure` does not list."
+    "The runs in `asked` (run-cache folder names a figure notebook opened) that the plan of `figure` does not list. Module `silent_majority.plan`."
     planned = {run_name(k, c) for k, c in figure_tasks([figure], scale, parameters)}
     return list(dict.fromkeys(n for n in asked if n not in planned))
 
@@ -192,7 +192,7 @@ def _weights(name:str)->Path:
     return Path(folder).expanduser()/name if folder else Path('$SM_WEIGHTS (unset)')/name
 
 def run_requirements(kind:str, cfg)->dict: # {'data': [paths], 'weights': [paths]}
-    "The data files and weights a run reads."
+    "The data files and weights a run reads. Module `silent_majority.plan`."
     if isinstance(cfg, (FinetuneConfig, JTTConfig)): base = erm_of(cfg)
     elif isinstance(cfg, ERMConfig): base = cfg
     elif isinstance(cfg, PretrainConfig): return dict(data=[], weights=[])   # scikit-learn's bundled digits
@@ -217,7 +217,7 @@ def _summary(kind, cfg)->str:
     return ', '.join(f'{k}={d[k]}' for k in keys if k in d)
 
 def plan(scale:str='paper', figures:list|None=None, seeds=(0,), dataset:str|None=None, arch:str|None=None)->pd.DataFrame:
-    "One row per (figure, run): kind, dataset, preset, seed, config summary, run folder, cached, needs, missing."
+    "One row per (figure, run): kind, dataset, preset, seed, config summary, run folder, cached, needs, missing. Module `silent_majority.plan`."
     rows = []
     for fig in figures or list(FIGURE_RUNS):
         for seed in seeds:
@@ -232,7 +232,7 @@ def plan(scale:str='paper', figures:list|None=None, seeds=(0,), dataset:str|None
     return pd.DataFrame(rows, columns=['figure', 'kind', 'dataset', 'preset', 'seed', 'config', 'run', 'cached', 'needs', 'missing'])
 
 def dry_run(scale:str='paper', figures:list|None=None, seeds=(0,), dataset:str|None=None, arch:str|None=None)->tuple[str, bool]: # report, ready
-    "A readable report of `plan(...)`: every run per figure, the unique runs to train, and what is missing here."
+    "A readable report of `plan(...)`: every run per figure, the unique runs to train, and what is missing here. Module `silent_majority.plan`."
     df = plan(scale, figures, seeds, dataset, arch)
     lines = [f'Dry run at {scale} scale: {df.figure.nunique()} figure(s), seeds {list(seeds)}; run cache {cache_dir()/"runs"}', '']
     for fig, g in df.groupby('figure', sort=False):

@@ -26,7 +26,7 @@ _T0 = time.time()
 _PACKAGES = ('silent_majority', 'torch', 'torchvision', 'numpy', 'pandas', 'matplotlib', 'mlxtend', 'papermill')
 
 def git_state(root:str|Path|None=None)->dict: # repository to ask (default: the repo root)
-    "The commit checked out and whether the work tree has uncommitted changes (None outside git)."
+    "The commit checked out and whether the work tree has uncommitted changes (None outside git). Module `silent_majority.plots`."
     root = Path(root or repo_root())
     def git(*a):
         r = subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=20)
@@ -38,7 +38,7 @@ def git_state(root:str|Path|None=None)->dict: # repository to ask (default: the 
     return {'commit': commit, 'dirty': bool(status)}
 
 def package_versions()->dict:
-    "Versions of Python and of the packages that shape the numbers."
+    "Versions of Python and of the packages that shape the numbers. Module `silent_majority.plots`."
     out = {'python': platform.python_version()}
     for p in _PACKAGES:
         try: out[p] = metadata.version(p)
@@ -48,7 +48,7 @@ def package_versions()->dict:
 MACHINE_ENV = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_CBWR', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'SM_NUMERICS')
 
 def cpu_model(cpuinfo:str|Path='/proc/cpuinfo')->str|None: # where Linux describes the CPU
-    "The CPU's model name: from `cpuinfo` where it names one, else from `platform` (None if neither does)."
+    "The CPU's model name: from `cpuinfo` where it names one, else from `platform` (None if neither does). Module `silent_majority.plots`."
     try:
         for line in Path(cpuinfo).read_text(errors='replace').splitlines():
             key, _, value = line.partition(':')
@@ -64,7 +64,7 @@ def _numeric_libraries(show:str)->dict: # the text of `torch.__config__.show()`
     return dict(blas=blas[1] if blas else None, blas_version=line, onednn_version=dnn[1] if dnn else None)
 
 def machine_info()->dict:
-    "The machine that computed the numbers: CPU, torch's CPU capability and threads, BLAS and oneDNN versions, platform, and the environment variables that steer them."
+    "The machine that computed the numbers: CPU, torch's CPU capability and threads, BLAS and oneDNN versions, platform, and the environment variables that steer them. Module `silent_majority.plots`."
     import torch, torch.backends.cpu, torch.backends.mkldnn
     libs = _numeric_libraries(torch.__config__.show())
     dnn = getattr(torch.backends.mkldnn, 'version', None)   # newer torch may say it directly
@@ -88,7 +88,7 @@ def save_figure(
     summary:dict|None=None,      # what the run shows, e.g. {'claim_holds': True, 'text': '...'}
     dpi:int=150,
 )->dict:                         # {'png', 'pdf', 'csv', 'json'} -> Path
-    "Save `fig` as png + pdf with a csv of its numbers and a json sidecar of parameters and provenance."
+    "Save `fig` as png + pdf with a csv of its numbers and a json sidecar of parameters and provenance. Module `silent_majority.plots`."
     if not isinstance(data, pd.DataFrame) or data.empty:
         raise ValueError(f'save_figure({fig_id!r}) needs the plotted numbers as a non-empty DataFrame in `data`')
     if not fig_id or any(c in fig_id for c in '/\\ '):
@@ -123,7 +123,7 @@ PAPER_NUMBERS = {
 GROUP_COLORS = {False: ('#1f4e79', '#5b9bd5'), True: ('#c55a11', '#f4b183')}  # minority? -> (dark, light)
 
 def set_style():
-    "Apply the project's matplotlib style."
+    "Apply the project's matplotlib style. Module `silent_majority.plots`."
     plt.rcParams.update({'figure.dpi': 100, 'font.size': 10, 'axes.spines.top': False,
                          'axes.spines.right': False, 'axes.grid': True, 'grid.alpha': 0.3,
                          'legend.frameon': False, 'pdf.fonttype': 42})
@@ -133,7 +133,7 @@ def plot_split_groups(
     splits=('train', 'test'),        # one bar per split within each group
     title:str='', percent:bool=True,
 ):
-    "Grouped bars: one cluster per group, one bar per split, minority groups in orange."
+    "Grouped bars: one cluster per group, one bar per split, minority groups in orange. Module `silent_majority.plots`."
     need = {'split', 'group', 'acc', 'minority'}
     if not need <= set(df.columns): raise ValueError(f'df needs columns {sorted(need)}, got {sorted(df.columns)}')
     groups = sorted(df.group.unique()); w = 0.8 / len(splits); scale = 100 if percent else 1
@@ -149,20 +149,22 @@ def plot_split_groups(
     return ax
 
 # %% ../nbs/09_plots.ipynb #70862158
-def group_label(g:int, minority)->str: return f'G{g}*' if g in minority else f'G{g}'
+def group_label(g:int, minority)->str:
+    "'G2*' for a minority group, 'G0' otherwise. Module `silent_majority.plots`."
+    return f'G{g}*' if g in minority else f'G{g}'
 
 def group_shade(g:int, i:int, n:int, minority)->tuple:
-    "Colour of the i-th of n bars of group g: light to dark, minority orange, majority blue."
+    "Colour of the i-th of n bars of group g: light to dark, minority orange, majority blue. Module `silent_majority.plots`."
     dark, light = (np.array(to_rgb(c)) for c in GROUP_COLORS[g in minority])
     return tuple(light + (dark - light) * (i / max(n - 1, 1)))
 
 def clip_err(mean, std)->np.ndarray: # 2 x n (lower, upper) in points
-    "Error bars of +- std in points (inputs are fractions), the lower one clipped at zero."
+    "Error bars of +- std in points (inputs are fractions), the lower one clipped at zero. Module `silent_majority.plots`."
     m, s = np.asarray(mean, float) * 100, np.nan_to_num(np.asarray(std, float)) * 100
     return np.vstack([np.minimum(s, m), s])
 
 def seed_dots(ax, xs, vals):   # vals: one array per x, the seeds' values (fractions)
-    "One black dot per seed at each x, in points: the seeds behind a bar of their mean."
+    "One black dot per seed at each x, in points: the seeds behind a bar of their mean. Module `silent_majority.plots`."
     for xi, v in zip(xs, vals): ax.plot(np.full(len(v), xi), np.asarray(v, float) * 100, 'k.', ms=3, alpha=0.6)
 
 def plot_k_bars(
@@ -173,7 +175,7 @@ def plot_k_bars(
     ref:pd.DataFrame|None=None,# rows with group, k and `value` drawn as black crosses (e.g. zeroing)
     annotate:bool=False,       # write each bar's value above it
 )->list:                       # legend handles
-    "One cluster per group, one bar per k (light to dark), in percentage points."
+    "One cluster per group, one bar per k (light to dark), in percentage points. Module `silent_majority.plots`."
     need = {'group', 'k', value} | ({err} if err else set())
     if not need <= set(d.columns): raise ValueError(f'd needs columns {sorted(need)}, got {sorted(d.columns)}')
     groups = sorted(d.group.unique()); w = 0.8 / len(ks); x0 = np.arange(len(groups))
@@ -199,7 +201,7 @@ def plot_sigma_sweep(
     with_zero:bool=False,      # show zeroing (mode 'zero') first
     criteria=('gradient', 'magnitude'),
 ):
-    "Mean |Delta| (points) of minority and majority groups against sigma, one line per criterion and class."
+    "Mean |Delta| (points) of minority and majority groups against sigma, one line per criterion and class. Module `silent_majority.plots`."
     cats = (['zero'] if with_zero else []) + list(sigmas); x = np.arange(len(cats))
     for c, ls, m in zip(criteria, ('-', '--', ':'), ('o', 's', '^')):
         for mino in (True, False):

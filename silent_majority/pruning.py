@@ -23,18 +23,18 @@ LAST_LAYER = 'classifier'   # the logit layer; `backbone.fc_2` is the penultimat
 RATIOS = tuple(round(0.1 * i, 1) for i in range(11))   # 0.0, 0.1, ..., 1.0
 
 def prunable_layers(model:nn.Module)->list[str]:
-    "Names of the modules that own a `weight` parameter (or are already reparametrised by `torch.nn.utils.prune`)."
+    "Names of the modules that own a `weight` parameter (or are already reparametrised by `torch.nn.utils.prune`). Module `silent_majority.pruning`."
     return [n for n, m in model.named_modules() if n and (isinstance(getattr(m, 'weight', None), nn.Parameter)
                                                          or hasattr(m, 'weight_orig'))]
 
 def get_layer(model:nn.Module, layer:str)->nn.Module: # a dotted `named_modules()` name
-    "The module called `layer`; an unknown or weightless name lists the valid layers."
+    "The module called `layer`; an unknown or weightless name lists the valid layers. Module `silent_majority.pruning`."
     valid = prunable_layers(model)
     if layer not in valid: raise ValueError(f'unknown layer {layer!r}: expected one of {valid}')
     return dict(model.named_modules())[layer]
 
 def last_layer(model:nn.Module)->str:
-    "The 'last layer': the last module with weights in `named_modules()` order, SpuCo LeNet's `classifier` (the logit layer that last-layer retraining refits)."
+    "The 'last layer': the last module with weights in `named_modules()` order, SpuCo LeNet's `classifier` (the logit layer that last-layer retraining refits). Module `silent_majority.pruning`."
     layers = prunable_layers(model)
     if not layers: raise ValueError(f'{type(model).__name__} has no layer with a weight parameter')
     return layers[-1]
@@ -54,7 +54,7 @@ def prune_layer(
     layer:str,        # dotted module name, e.g. 'backbone.fc_1'
     ratio:float,      # fraction of the layer's weights to zero, in [0, 1]
 )->torch.Tensor:      # the mask: 1 where a weight was kept
-    "Zero the `ratio` smallest-magnitude weights of one layer, permanently (L1 unstructured)."
+    "Zero the `ratio` smallest-magnitude weights of one layer, permanently (L1 unstructured). Module `silent_majority.pruning`."
     mod = get_layer(model, layer); ratio = _check_ratio(ratio)
     if hasattr(mod, 'weight_orig'): raise ValueError(f'layer {layer!r} is already being pruned (inside `pruned`?)')
     order = list(mod._parameters)
@@ -69,7 +69,7 @@ def pruned(
     layer:str,        # dotted module name
     ratio:float,      # fraction of the layer's weights to zero
 ):                    # yields the mask (1 = kept)
-    "Context manager: `layer` pruned at `ratio` (mask held fixed for any training) inside the block, all restored after."
+    "Context manager: `layer` pruned at `ratio` (mask held fixed for any training) inside the block, all restored after. Module `silent_majority.pruning`."
     mod = get_layer(model, layer); ratio = _check_ratio(ratio)
     if hasattr(mod, 'weight_orig'): raise ValueError(f'layer {layer!r} is already being pruned')
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -86,7 +86,7 @@ def _numeric(d:dict)->dict:
             if isinstance(v, (int, float, np.integer, np.floating)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
 
 def finetuner(train_ds, epochs:int=1, lr:float=1e-3, **fit_kw): # fit_kw: passed to `classify.fit_classifier`
-    "A `finetune` callable for `layer_pruning_sweep`: a few epochs of `fit_classifier` on `train_ds`."
+    "A `finetune` callable for `layer_pruning_sweep`: a few epochs of `fit_classifier` on `train_ds`. Module `silent_majority.pruning`."
     from silent_majority.classify import fit_classifier
     return lambda model: fit_classifier(model, train_ds, epochs=epochs, lr=lr, **{'progress': False, **fit_kw})
 
@@ -98,7 +98,7 @@ def layer_pruning_sweep(
     finetune=None,           # finetune(model): trains in place, mask held fixed; None -> one-shot
     progress:bool=True,      # a tqdm bar (off when SM_PROGRESS=0)
 )->pd.DataFrame:             # one row per (layer, ratio): layer, label, ratio, sparsity, metrics
-    "Prune each layer at each ratio, one at a time, and evaluate: a tidy table."
+    "Prune each layer at each ratio, one at a time, and evaluate: a tidy table. Module `silent_majority.pruning`."
     if eval_fn is None or not callable(eval_fn): raise ValueError('eval_fn must be a callable: eval_fn(model) -> dict of numbers')
     layers = LENET_LAYERS if layers is None else layers
     labels = dict(layers) if isinstance(layers, dict) else {n: n for n in layers}

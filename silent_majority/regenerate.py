@@ -22,17 +22,17 @@ __all__ = ['FIGURE_FOLDERS', 'PARAMETER_TYPES', 'WARNING_LINE', 'KERNEL_NOISE', 
 FIGURE_FOLDERS = ('paper', 'course')
 
 def figure_notebooks(nbs:str|Path|None=None)->list[Path]: # folder holding paper/ and course/
-    "Every figure notebook, in a stable order: paper first, then course, each in natural order (fig2 before fig10)."
+    "Every figure notebook, in a stable order: paper first, then course, each in natural order (fig2 before fig10). Module `silent_majority.regenerate`."
     nbs = Path(nbs or repo_root()/'nbs')
     return [p for f in FIGURE_FOLDERS for p in sorted((nbs/f).glob('*.ipynb'), key=natural_key)
             if not p.name.startswith(('_', '.'))]
 
 def natural_key(p:str|Path)->list: # a sort key
-    "Sort key of a file stem with its numbers compared as numbers: fig2 < fig10, tab4_10 < tab11."
+    "Sort key of a file stem with its numbers compared as numbers: fig2 < fig10, tab4_10 < tab11. Module `silent_majority.regenerate`."
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', Path(p).stem)]
 
 def parameters_cell(path:str|Path)->str:
-    "The source of the notebook's single `parameters`-tagged cell."
+    "The source of the notebook's single `parameters`-tagged cell. Module `silent_majority.regenerate`."
     nb = nbformat.read(str(path), as_version=4)
     cells = [c for c in nb.cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
     if len(cells) != 1: raise ValueError(f'{path} must have exactly one cell tagged "parameters", has {len(cells)}')
@@ -41,7 +41,7 @@ def parameters_cell(path:str|Path)->str:
 PARAMETER_TYPES = {'str': str, 'int': int, 'float': float, 'bool': bool}
 
 def parameter_types(path:str|Path)->dict: # name -> (type or None if unannotated, default)
-    "The parameters a notebook declares: the `name: type = default` (or `name = default`) lines of its parameters cell."
+    "The parameters a notebook declares: the `name: type = default` (or `name = default`) lines of its parameters cell. Module `silent_majority.regenerate`."
     out = {}
     for node in ast.parse(parameters_cell(path)).body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -54,7 +54,7 @@ def parameter_types(path:str|Path)->dict: # name -> (type or None if unannotated
     return out
 
 def check_parameters(path:str|Path, params:dict)->dict:
-    "`params` if the notebook declares each of them with a matching type (None where the default is None); else an error naming what was expected."
+    "`params` if the notebook declares each of them with a matching type (None where the default is None); else an error naming what was expected. Module `silent_majority.regenerate`."
     decl, nb = parameter_types(path), Path(path).stem
     unknown = [k for k in params if k not in decl]
     if unknown: raise ValueError(f'{nb} has no parameter(s) {unknown}: expected some of {list(decl)}')
@@ -67,7 +67,7 @@ def check_parameters(path:str|Path, params:dict)->dict:
     return params
 
 def default_out_dir(scale:str)->Path:
-    "Where a scale's figures go: `figures/` for cpu (committed), `figures/<scale>/` otherwise."
+    "Where a scale's figures go: `figures/` for cpu (committed), `figures/<scale>/` otherwise. Module `silent_majority.regenerate`."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     return figures_dir() if scale == 'cpu' else figures_dir()/scale
 
@@ -76,7 +76,7 @@ def check_writable(
     folder:str|Path,   # a folder the run will write to (created if missing)
     what:str='files',  # what goes there, for the message: 'figures', 'the run cache', ...
 )->Path:               # `folder`
-    "`folder`, created if need be, once a probe file could be written into it and removed; else a `core.CacheWriteError` saying why."
+    "`folder`, created if need be, once a probe file could be written into it and removed; else a `core.CacheWriteError` saying why. Module `silent_majority.regenerate`."
     folder = Path(folder)
     try:
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
@@ -94,7 +94,7 @@ WARNING_LINE = re.compile(r'^(?P<where>\S.*?:\d+): (?P<category>[A-Za-z_][\w.]*W
 KERNEL_NOISE = ('Kernel is running over TCP without encryption', 'KeyboardInterrupt caught in kernel')  # every kernel's log says these; they say nothing about the run
 
 def kernel_warnings(nb)->list[str]: # an executed notebook: its path or the `NotebookNode`
-    "The distinct Python warnings the kernel printed to stderr while `nb` ran, as 'Category: message (file:line)', first seen first."
+    "The distinct Python warnings the kernel printed to stderr while `nb` ran, as 'Category: message (file:line)', first seen first. Module `silent_majority.regenerate`."
     nb = nbformat.read(str(nb), as_version=4) if isinstance(nb, (str, Path)) else nb
     out = {}
     for c in nb.cells:
@@ -107,7 +107,7 @@ def kernel_warnings(nb)->list[str]: # an executed notebook: its path or the `Not
     return list(out.values())
 
 def last_cell_ran(executed:str|Path)->tuple|None: # (index in the notebook as written, from 0; its first line); None if none ran
-    "The cell that ran last in an executed notebook, from papermill's start times and the execution counts."
+    "The cell that ran last in an executed notebook, from papermill's start times and the execution counts. Module `silent_majority.regenerate`."
     cells = nbformat.read(str(executed), as_version=4).cells
     injected = ['injected-parameters' in c.get('metadata', {}).get('tags', []) for c in cells]
     ran = [i for i, c in enumerate(cells) if c.cell_type == 'code' and not injected[i] and
@@ -134,7 +134,7 @@ KERNEL_LAUNCHER = (   # `python -m ipykernel_launcher`, with the kernel's stderr
     "from ipykernel import kernelapp; kernelapp.launch_new_instance()\n")
 
 def kernel_log_lines(path:str|Path, limit:int=20)->list[str]: # at most `limit` distinct lines
-    "The lines a kernel wrote to its own stderr, without the noise every kernel prints (`KERNEL_NOISE`): what is left may matter."
+    "The lines a kernel wrote to its own stderr, without the noise every kernel prints (`KERNEL_NOISE`): what is left may matter. Module `silent_majority.regenerate`."
     try: text = Path(path).read_text(errors='replace')
     except FileNotFoundError: return []
     lines = [l.rstrip() for l in text.splitlines() if l.strip() and not any(n in l for n in KERNEL_NOISE)]
@@ -157,7 +157,7 @@ def run_notebook(
     executed_dir:str|Path|None=None, # None -> cache_dir()/'executed'/scale
     threads:int|None=None,        # torch/BLAS threads for the kernel (None: leave as is)
 )->dict:                          # id, notebook, status ('ok' | 'failed'), seconds, executed, error, cell, where, warnings, runs, kernel_log
-    "Execute one figure notebook with papermill in a fresh kernel; report how it ended and the warnings its kernel printed."
+    "Execute one figure notebook with papermill in a fresh kernel; report how it ended and the warnings its kernel printed. Module `silent_majority.regenerate`."
     import papermill as pm
     path = Path(path); out_dir = Path(out_dir) if out_dir else default_out_dir(scale)
     executed = Path(executed_dir or cache_dir()/'executed'/scale)/path.name; executed.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def run_notebook(
 
 # %% ../nbs/10_regenerate.ipynb #c3a87023
 def kernel_threads(scale:str, workers:int, n:int, cores:int|None=None)->int:
-    "Torch/BLAS threads per kernel: one at smoke and cpu scale (float sums, hence results, depend on the thread count), else the cores shared out."
+    "Torch/BLAS threads per kernel: one at smoke and cpu scale (float sums, hence results, depend on the thread count), else the cores shared out. Module `silent_majority.regenerate`."
     if scale in ('smoke', 'cpu'): return 1
     return max(1, (cores or os.cpu_count() or 1) // min(workers, max(1, n)))
 
@@ -216,7 +216,7 @@ def train_planned(
     backend:str='local',         # 'local' | 'dask'
     address:str|None=None,       # dask: scheduler address or scheduler file (None: a LocalCluster here)
 )->dict:                         # seconds, planned, cached, trained, failed {run: error}, processes, records
-    "Train every run the figures' plan lists that the run cache lacks, in parallel, before any notebook starts (`cluster.run_tasks`)."
+    "Train every run the figures' plan lists that the run cache lacks, in parallel, before any notebook starts (`cluster.run_tasks`). Module `silent_majority.regenerate`."
     from silent_majority.plan import figure_tasks
     from silent_majority.cluster import SweepError, local_processes, run_tasks, schedule
     params, tasks = _plan_parameters(parameters), []
@@ -251,7 +251,7 @@ def regenerate(
     address:str|None=None,       # dask: scheduler address or scheduler file (None: a LocalCluster of `workers` here)
     training:dict|None=None,     # filled with the training phase's record (see `train_planned`)
 )->list[dict]:                   # one result per notebook (see `run_notebook`), with `unplanned` runs
-    "Train the planned runs in parallel, then run the figure notebooks through papermill, in parallel, and return one result each."
+    "Train the planned runs in parallel, then run the figure notebooks through papermill, in parallel, and return one result each. Module `silent_majority.regenerate`."
     if scale not in SCALES: raise ValueError(f'unknown scale {scale!r}: expected one of {list(SCALES)}')
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f'workers must be a positive int, got {workers!r}')
@@ -298,7 +298,7 @@ def _unplanned(r:dict, scale:str, parameters:dict|None)->list[str]:
     except (ValueError, TypeError): return []   # no plan with these parameters (said by the training phase)
 
 def longest_first(paths:list, fig_dir:str|Path)->list[Path]: # the same paths, reordered
-    "The notebooks ordered by the wall time their last figure recorded (`wall_time_s` in its sidecar in `fig_dir`), longest first; those without one keep their order, after the others."
+    "The notebooks ordered by the wall time their last figure recorded (`wall_time_s` in its sidecar in `fig_dir`), longest first; those without one keep their order, after the others. Module `silent_majority.regenerate`."
     def seconds(p):
         try: return float(json.loads((Path(fig_dir)/f'{Path(p).stem}.json').read_text()).get('wall_time_s') or 0)
         except (OSError, ValueError, AttributeError): return 0.0
@@ -314,7 +314,7 @@ def format_table(
     results:list[dict],        # from `regenerate`
     training:dict|None=None,   # the training phase's record (`train_planned`), shown first
 )->str:
-    "A plain-text table: the training phase, then notebook, status and seconds, then one line per failure and per run a notebook asked for outside the plan."
+    "A plain-text table: the training phase, then notebook, status and seconds, then one line per failure and per run a notebook asked for outside the plan. Module `silent_majority.regenerate`."
     w = max([len('notebook'), len('(training phase)')] + [len(r['id']) for r in results])
     lines = [f"{'notebook':<{w}}  {'status':<6}  {'seconds':>8}", '-' * (w + 18)]
     if training is not None:
@@ -338,7 +338,7 @@ def format_table(
 FINDING_KEYS = ('finding', 'reported', 'ours', 'holds')
 
 class SidecarWarning(UserWarning):
-    "A figure whose json sidecar is missing or damaged: its findings and provenance cannot be shown."
+    "A figure whose json sidecar is missing or damaged: its findings and provenance cannot be shown. Module `silent_majority.regenerate`."
 
 def _shown(p:Path)->str:
     try: return Path(p).resolve().relative_to(repo_root()).as_posix()
@@ -361,7 +361,7 @@ def _warn_sidecars(bad:dict):
     for text in bad.values(): warnings.warn(text, SidecarWarning, stacklevel=3)
 
 def read_sidecars(fig_dir:str|Path|None=None)->dict: # id -> sidecar dict
-    "The figure sidecars (`<id>.json` with an `id` and a `summary`) in `fig_dir` (default: figures/); warns of each missing or damaged one."
+    "The figure sidecars (`<id>.json` with an `id` and a `summary`) in `fig_dir` (default: figures/); warns of each missing or damaged one. Module `silent_majority.regenerate`."
     out, bad = _sidecars(fig_dir); _warn_sidecars(bad)
     return out
 
@@ -371,7 +371,7 @@ def _title(nb:Path|None)->str:
     return first.lstrip('# ').strip()
 
 def findings(side:dict, notebook:str|Path|None=None)->list[dict]: # rows with FINDING_KEYS
-    "The findings a sidecar reports: `summary['findings']`, else one row from its claim and `claim_holds`."
+    "The findings a sidecar reports: `summary['findings']`, else one row from its claim and `claim_holds`. Module `silent_majority.regenerate`."
     s = side['summary']
     if 'findings' in s:
         for f in s['findings']:
@@ -385,7 +385,7 @@ def findings(side:dict, notebook:str|Path|None=None)->list[dict]: # rows with FI
 def _cell(x)->str: return str(x).replace('|', '\\|').replace('\n', ' ')
 
 def results_table(ids:list, fig_dir:str|Path|None=None, nbs:str|Path|None=None, columns=('reported', 'ours'))->str:
-    "A markdown table of the findings of figures `ids` (those with a sidecar in `fig_dir`), with their provenance."
+    "A markdown table of the findings of figures `ids` (those with a sidecar in `fig_dir`), with their provenance. Module `silent_majority.regenerate`."
     sides = read_sidecars(fig_dir); nb = {p.stem: p for p in figure_notebooks(nbs)}
     head = ['result', 'finding', *columns, 'holds here']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -407,7 +407,7 @@ def results_table(ids:list, fig_dir:str|Path|None=None, nbs:str|Path|None=None, 
     return '\n'.join(lines)
 
 def update_block(path:str|Path, name:str, text:str)->bool: # True if the file changed
-    "Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `path`."
+    "Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `path`. Module `silent_majority.regenerate`."
     path = Path(path); src = path.read_text(); a, b = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
     if src.count(a) != 1 or src.count(b) != 1 or src.index(a) > src.index(b):
         raise ValueError(f'{path} needs exactly one {a} followed by one {b}')
@@ -416,7 +416,7 @@ def update_block(path:str|Path, name:str, text:str)->bool: # True if the file ch
     atomic_write(path, new); return True
 
 def caption(nb:str|Path)->str:
-    "A figure notebook's caption: its first markdown cell without the heading line."
+    "A figure notebook's caption: its first markdown cell without the heading line. Module `silent_majority.regenerate`."
     cells = [c for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == 'markdown']
     if not cells: raise ValueError(f'{nb} has no markdown cell: expected a caption cell first')
     lines = cells[0].source.splitlines()
@@ -434,7 +434,7 @@ def _provenance(d:dict)->str:
             f"commit `{commit}`{cpu}; wall time {float(d.get('wall_time_s') or 0):.0f} s; written {d.get('created_utc', 'n/a')}")
 
 def gallery(fig_dir:str|Path|None=None, nbs:str|Path|None=None)->str: # markdown
-    "The figure gallery: each regenerated figure with its image, caption, findings (reported beside ours) and provenance."
+    "The figure gallery: each regenerated figure with its image, caption, findings (reported beside ours) and provenance. Module `silent_majority.regenerate`."
     fig_dir = Path(fig_dir or figures_dir()); sides, bad = _sidecars(fig_dir); nbks = figure_notebooks(nbs); _warn_sidecars(bad)
     scales = sorted({str(d.get('scale')) for d in sides.values()}) or ['none yet']
     out = [f"# Figure gallery ({', '.join(scales)} scale)", '',
@@ -467,14 +467,14 @@ def gallery(fig_dir:str|Path|None=None, nbs:str|Path|None=None)->str: # markdown
     return '\n'.join(out).rstrip() + '\n'
 
 def write_gallery(fig_dir:str|Path|None=None, nbs:str|Path|None=None)->Path:
-    "Write `gallery(...)` to `<fig_dir>/README.md` (atomically)."
+    "Write `gallery(...)` to `<fig_dir>/README.md` (atomically). Module `silent_majority.regenerate`."
     fig_dir = Path(fig_dir or figures_dir())
     return atomic_write(fig_dir/'README.md', gallery(fig_dir, nbs))
 
 README_BLOCKS = {'paper-results': 'paper', 'course-results': 'course'}
 
 def refresh_readme(readme:str|Path|None=None, fig_dir:str|Path|None=None, nbs:str|Path|None=None)->list[str]:
-    "Rewrite the README's results tables from the sidecars; returns the blocks that changed."
+    "Rewrite the README's results tables from the sidecars; returns the blocks that changed. Module `silent_majority.regenerate`."
     readme = Path(readme or repo_root()/'README.md'); changed = []
     for name, folder in README_BLOCKS.items():
         ids = [p.stem for p in figure_notebooks(nbs) if p.parent.name == folder]
@@ -487,7 +487,7 @@ def _literal_param(text:str)->tuple: return parse_assignment(text, 'a parameter 
 def _refuse(message:str)->int: print(f'sm-regenerate: {message}', file=sys.stderr); return 2
 
 def main(argv:list|None=None)->int:
-    "Command line: `sm-regenerate --scale S [--only ID ...] [--workers N] [--no-pretrain] [--backend dask --address A] [--out-dir DIR] [--seed N] [-p NAME=VALUE ...] [--dry-run]`."
+    "Command line: `sm-regenerate --scale S [--only ID ...] [--workers N] [--no-pretrain] [--backend dask --address A] [--out-dir DIR] [--seed N] [-p NAME=VALUE ...] [--dry-run]`. Module `silent_majority.regenerate`."
     ap = argparse.ArgumentParser(prog='sm-regenerate', description='Regenerate the figures: train the runs they need (in parallel), then run the figure notebooks.')
     ap.add_argument('--scale', default='cpu', choices=SCALES, help='smoke (seconds) | cpu (minutes, default) | paper (GPU, real data)')
     ap.add_argument('--only', nargs='+', metavar='ID', help='figure ids to run (notebook stems); default: all')

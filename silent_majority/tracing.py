@@ -29,7 +29,7 @@ class _Fn(nn.Module):
     def forward(self, x): return self.fn(x)
 
 def model_units(model:nn.Module)->list[tuple[str, nn.Module]]|None: # [(prefix of the layers it holds, unit)]
-    "Cut `model` into a chain of units whose composition is `model`, or None if it is not a known shape."
+    "Cut `model` into a chain of units whose composition is `model`, or None if it is not a known shape. Module `silent_majority.tracing`."
     if isinstance(model, nn.Sequential): return [(n, m) for n, m in model.named_children()]
     names = dict(model.named_children())
     if {'conv1', 'bn1', 'fc'} <= set(names) and any(n.startswith('layer') for n in names):   # ResNet-like
@@ -48,13 +48,13 @@ def model_units(model:nn.Module)->list[tuple[str, nn.Module]]|None: # [(prefix o
     return None
 
 def unit_of(units:list, layer:str)->int:
-    "Index of the unit holding `layer`."
+    "Index of the unit holding `layer`. Module `silent_majority.tracing`."
     for i, (prefix, _) in enumerate(units):
         if any(layer == p or layer.startswith(p + '.') for p in prefix.split('|')): return i
     raise ValueError(f'layer {layer!r} is in no unit: expected a name under one of {[p for p, _ in units]}')
 
 def run_units(units:list, x:torch.Tensor, start:int=0)->torch.Tensor:
-    "Run units `start`, `start + 1`, ... on `x` (the input of unit `start`)."
+    "Run units `start`, `start + 1`, ... on `x` (the input of unit `start`). Module `silent_majority.tracing`."
     for _, u in units[start:]: x = u(x)
     return x
 
@@ -206,7 +206,7 @@ def unstructured_tracing(
     reference=None,                     # state dict of an earlier checkpoint (mode 'rewind')
     progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
-    "Modify the global top-k neurons by each criterion (gradient: per group j) and read every group's accuracy."
+    "Modify the global top-k neurons by each criterion (gradient: per group j) and read every group's accuracy. Module `silent_majority.tracing`."
     _check_modes(mode, sigmas); eval_splits = _eval_splits(eng, eval_splits, select_split)
     sigmas = sigmas if mode.startswith('random') else (0.0,); seeds = seeds if mode.startswith('random') else (0,)
     n_groups = eng.splits[select_split].n_groups
@@ -236,7 +236,7 @@ def structured_tracing(
     layers=None,                        # None -> every candidate layer of the criterion
     progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
-    "Modify the top-k neurons within each layer and read every group's accuracy."
+    "Modify the top-k neurons within each layer and read every group's accuracy. Module `silent_majority.tracing`."
     _check_modes(mode, (sigma,) if mode.startswith('random') else (1.0,))
     n_groups = eng.splits[select_split].n_groups; rows = []
     for s in eval_splits:
@@ -262,7 +262,7 @@ def layer_rewinding(
     threshold:float=0.01,               # |delta| >= threshold makes a layer sensitive for a group
     progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
-    "Rewind each layer in turn by n epochs and read every group's accuracy (`sensitive` marks |delta| >= threshold)."
+    "Rewind each layer in turn by n epochs and read every group's accuracy (`sensitive` marks |delta| >= threshold). Module `silent_majority.tracing`."
     if not references: raise ValueError('references must map epochs-back n to a state dict, got nothing')
     names = candidate_layers(eng.model, layers); rows = []
     for s in eval_splits:
@@ -283,7 +283,7 @@ def control_group(
     seed:int=0,
     progress:bool|None=None,            # a tqdm bar (None: unless SM_PROGRESS=0)
 )->pd.DataFrame:
-    "Zero non-critical neurons (lowest-scored or random outside the top set) and read every group's accuracy."
+    "Zero non-critical neurons (lowest-scored or random outside the top set) and read every group's accuracy. Module `silent_majority.tracing`."
     bad = set(kinds) - {'lowest', 'random'}
     if bad: raise ValueError(f"unknown control kinds {sorted(bad)}: expected 'lowest' and/or 'random'")
     sc = eng.scores(criterion); rows = []
@@ -303,7 +303,7 @@ def rank_histograms(
     split:str='train',
     seeds=(0,),              # gradient-sample draws (one set of top neurons per seed)
 )->pd.DataFrame:             # columns: selected_by, ranked_by, seed, layer, index, percentile
-    "Percentile rank by one criterion of the top neurons by the other."
+    "Percentile rank by one criterion of the top neurons by the other. Module `silent_majority.tracing`."
     mag = scores_frame(eng.scores('magnitude')).set_index(['layer', 'index'])
     rows = []
     for seed in seeds:
@@ -319,7 +319,7 @@ def rank_histograms(
 PAPER_TRACE_EPOCH = 40   # the released Stage I scripts load `epoch_40` of the ERM run
 
 def trace_epoch(cfg, epoch:int|None=None)->int:
-    "The ERM epoch Stage I reads: `epoch`, else the final epoch (smoke, cpu) or epoch 40 (paper, as the released code)."
+    "The ERM epoch Stage I reads: `epoch`, else the final epoch (smoke, cpu) or epoch 40 (paper, as the released code). Module `silent_majority.tracing`."
     e = epoch if epoch is not None else (min(PAPER_TRACE_EPOCH, cfg.epochs) if cfg.scale == 'paper' else cfg.epochs)
     return kept_epoch(cfg, e)
 
@@ -331,12 +331,12 @@ def tracing_engine(
     epoch:int|None=None,              # ERM epoch to trace (None: see `trace_epoch`)
     arch:str|None=None,               # another architecture than the scale's (e.g. 'vit_s16' at paper scale)
 )->tuple[ERMRun, TracingEngine]:
-    "The cached ERM run for these settings and a `TracingEngine` on the model of the traced epoch (`eng.epoch`)."
+    "The cached ERM run for these settings and a `TracingEngine` on the model of the traced epoch (`eng.epoch`). Module `silent_majority.tracing`."
     erm = cached_erm(erm_config(dataset, scale=scale, preset=preset, seed=seed, **({'arch': arch} if arch else {})))
     return erm, engine_for(erm, eval_splits, device, epoch)
 
 def engine_for(erm:ERMRun, eval_splits=('train', 'test'), device=None, epoch:int|None=None)->TracingEngine:
-    "A `TracingEngine` on `erm`'s traced epoch (`eng.epoch`), with its preset's candidates and gradient rule for its architecture."
+    "A `TracingEngine` on `erm`'s traced epoch (`eng.epoch`), with its preset's candidates and gradient rule for its architecture. Module `silent_majority.tracing`."
     e = trace_epoch(erm.cfg, epoch); sp = erm.splits()
     bad = [s for s in eval_splits if s not in sp]
     if bad: raise ValueError(f'unknown splits {bad}: expected some of {list(sp)}')
@@ -347,7 +347,7 @@ def engine_for(erm:ERMRun, eval_splits=('train', 'test'), device=None, epoch:int
     return eng
 
 def rewind_references(erm:ERMRun, ns=None, epoch:int|None=None)->dict: # epochs back -> state dict
-    "State dicts of the kept checkpoints `n` epochs before the traced epoch (all kept earlier ones if `ns` is None)."
+    "State dicts of the kept checkpoints `n` epochs before the traced epoch (all kept earlier ones if `ns` is None). Module `silent_majority.tracing`."
     last = trace_epoch(erm.cfg, epoch)
     ns = ns if ns is not None else sorted(last - e for e in erm.cfg.keep_epochs if e < last)
     missing = [n for n in ns if (last - n) not in erm.cfg.keep_epochs]
@@ -357,7 +357,7 @@ def rewind_references(erm:ERMRun, ns=None, epoch:int|None=None)->dict: # epochs 
 
 # %% ../nbs/05_tracing.ipynb #331582d5
 def draw_summaries(df:pd.DataFrame)->tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]: # per_group, per_class, pooled
-    "Mean and std over draws of |Delta|: per group, per minority/majority class, and per class with k pooled."
+    "Mean and std over draws of |Delta|: per group, per minority/majority class, and per class with k pooled. Module `silent_majority.tracing`."
     need = {'mode', 'sigma', 'criterion', 'k', 'group', 'seed', 'minority', 'abs_delta'}
     if not need <= set(df.columns): raise ValueError(f'df needs columns {sorted(need)}, got {sorted(df.columns)}')
     key = ['mode', 'sigma', 'criterion']
@@ -369,7 +369,7 @@ def draw_summaries(df:pd.DataFrame)->tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     return per_group, per_class, pooled
 
 def seed_summaries(df:pd.DataFrame)->tuple[tuple, tuple]: # (per_group, per_class, pooled) per ERM seed, then over the seeds
-    "`draw_summaries` of each ERM seed's rows (`seed`; its draws in `draw_seed`), then the mean and sd over the seeds of each seed's mean over draws."
+    "`draw_summaries` of each ERM seed's rows (`seed`; its draws in `draw_seed`), then the mean and sd over the seeds of each seed's mean over draws. Module `silent_majority.tracing`."
     if not {'seed', 'draw_seed'} <= set(df.columns): raise ValueError(f'df needs columns seed (ERM) and draw_seed, got {sorted(df.columns)}')
     parts = [[x.assign(seed=s) for x in draw_summaries(d.drop(columns='seed').rename(columns={'draw_seed': 'seed'}))]
              for s, d in df.groupby('seed')]
@@ -381,5 +381,5 @@ def seed_summaries(df:pd.DataFrame)->tuple[tuple, tuple]: # (per_group, per_clas
     return per_seed, tuple(over(t, key + k) for t, k in zip(per_seed, (['k', 'group'], ['k', 'minority'], ['minority'])))
 
 def weight_std(model:nn.Module, layers)->float: # layer names, e.g. the candidates
-    "Standard deviation of the pooled weights of `layers` (the scale a sigma is compared with)."
+    "Standard deviation of the pooled weights of `layers` (the scale a sigma is compared with). Module `silent_majority.tracing`."
     return float(torch.cat([model.get_submodule(l).weight.detach().flatten().cpu() for l in layers]).std())

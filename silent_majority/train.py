@@ -38,7 +38,7 @@ AMP_MODES = (None, 'bf16', 'fp16')
 
 @dataclass
 class ERMConfig:
-    "Everything that determines an ERM run (and so its cache folder)."
+    "Everything that determines an ERM run (and so its cache folder). Module `silent_majority.train`."
     dataset:str='waterbirds_like'   # 'waterbirds_like' | 'celeba_like' (spurious MNIST) | 'waterbirds' | 'celeba'
     arch:str='small_resnet'         # see `silent_majority.models.MODELS`
     arch_kwargs:dict=field(default_factory=dict) # passed to the builder, e.g. {'widths': [8, 16, 32]}
@@ -101,7 +101,7 @@ REGIMES = {   # the stand-ins' regimes at smoke and cpu scale: name -> stand-in 
 DEFAULT_REGIME = {'smoke': 'scratch', 'cpu': 'calibrated'}
 
 def regime_of(cfg)->str|None: # an ERMConfig
-    "The name of the regime whose settings `cfg` has ('custom' if none; None at paper scale, which uses the real data)."
+    "The name of the regime whose settings `cfg` has ('custom' if none; None at paper scale, which uses the real data). Module `silent_majority.train`."
     if cfg.scale == 'paper': return None
     return next((k for k, v in REGIMES.items() if cfg.dataset in v and all(getattr(cfg, f) == x for f, x in v[cfg.dataset].items())), 'custom')
 
@@ -118,7 +118,7 @@ def erm_config(
     regime:str|None=None,          # smoke/cpu: a key of `REGIMES`; None -> the scale's `DEFAULT_REGIME`
     **overrides,                   # any `ERMConfig` field
 )->ERMConfig:
-    "The ERM config of a scale, a preset and (below paper scale) a regime, with `overrides` on top."
+    "The ERM config of a scale, a preset and (below paper scale) a regime, with `overrides` on top. Module `silent_majority.train`."
     _check('scale', scale, SCALES); _check('preset', preset, TRAIN_PRESETS)
     kw = dict(dataset=dataset, scale=scale, preset=preset, seed=seed, **_SCALE_SETTINGS[scale])
     if scale != 'paper': _check('regime', regime or DEFAULT_REGIME[scale], REGIMES); kw.update(REGIMES[regime or DEFAULT_REGIME[scale]].get(dataset, {}))
@@ -141,7 +141,7 @@ def erm_config(
 
 # %% ../nbs/03_train.ipynb #5c27dafd
 def load_splits(cfg:ERMConfig)->dict: # {'train', 'val', 'test'} -> GroupDataset
-    "The three splits a config trains and evaluates on."
+    "The three splits a config trains and evaluates on. Module `silent_majority.train`."
     if cfg.dataset in SYNTHETIC_DATASETS:
         return {s: spurious_mnist(s, preset=cfg.dataset, seed=cfg.seed, n_train=cfg.n_train, n_eval_per_group=cfg.n_eval_per_group,
                                   contrast=cfg.contrast, jitter=cfg.jitter) for s in ('train', 'val', 'test')}
@@ -151,7 +151,7 @@ def load_splits(cfg:ERMConfig)->dict: # {'train', 'val', 'test'} -> GroupDataset
 _IMAGENET_FILES = {'resnet50': 'resnet50-11ad3fa6.pth', 'vit_s16': 'deit_small_patch16_224-cd65a155.pth'}
 
 def make_model(cfg:ERMConfig, n_classes:int=2, in_ch:int=3)->nn.Module:
-    "A freshly initialised model for `cfg`: ImageNet weights read from `SM_WEIGHTS` (`init='imagenet'`), or the backbone of the cached `pretrain` run (`init='digits'` or `'digits_affine'`, trained first if missing), under a new classifier."
+    "A freshly initialised model for `cfg`: ImageNet weights read from `SM_WEIGHTS` (`init='imagenet'`), or the backbone of the cached `pretrain` run (`init='digits'` or `'digits_affine'`, trained first if missing), under a new classifier. Module `silent_majority.train`."
     weights = None
     if cfg.init == 'imagenet':
         if cfg.arch not in _IMAGENET_FILES:
@@ -168,7 +168,7 @@ PRETRAIN_INITS = {'digits': 0, 'digits_affine': 4}   # ERMConfig.init -> randoml
 
 @dataclass
 class PretrainConfig:
-    "Everything that determines a pre-training run (and so its cache folder): the backbone `init='digits'` starts from."
+    "Everything that determines a pre-training run (and so its cache folder): the backbone `init='digits'` starts from. Module `silent_majority.train`."
     dataset:str='sklearn_digits'    # the digit source (disjoint from MNIST); the only one
     arch:str='small_resnet'
     arch_kwargs:dict=field(default_factory=dict)
@@ -186,7 +186,7 @@ class PretrainConfig:
                      affine_copies='>=0')
 
 def pretrain_of(cfg:ERMConfig)->PretrainConfig:
-    "The pre-training run an `init='digits'` (or `'digits_affine'`) ERM config starts from: same architecture and scale."
+    "The pre-training run an `init='digits'` (or `'digits_affine'`) ERM config starts from: same architecture and scale. Module `silent_majority.train`."
     if cfg.init not in PRETRAIN_INITS: raise ValueError(
         f"only init='digits' or init='digits_affine' starts from a pre-training run, this config has init={cfg.init!r}")
     return PretrainConfig(arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), scale=cfg.scale, epochs=PRETRAIN_EPOCHS[cfg.scale],
@@ -196,7 +196,7 @@ def _backbone_keys(model:nn.Module)->set: # every weight but the classifier's
     head = classifier_name(model); return {k for k in model.state_dict() if not k.startswith(head + '.')}
 
 def load_backbone(model:nn.Module, state:dict)->nn.Module:
-    "Load a pre-trained backbone (every weight but the classifier) into `model`; its own classifier is kept."
+    "Load a pre-trained backbone (every weight but the classifier) into `model`; its own classifier is kept. Module `silent_majority.train`."
     want = _backbone_keys(model); got = set(state)
     if got != want: raise ValueError(f'the backbone does not fit {type(model).__name__}: missing {sorted(want - got)[:5]}, '
                                      f'unexpected {sorted(got - want)[:5]} (expected the weights of the same arch and widths)')
@@ -218,13 +218,13 @@ def _pretrain(cfg:PretrainConfig, device=None)->tuple[dict, dict]: # (backbone w
                  torch_threads=threads, numerics=numerics_record()))
 
 class PretrainRun(CachedRun):
-    "A finished pre-training run from the cache."
+    "A finished pre-training run from the cache. Module `silent_majority.train`."
     def __repr__(self): return f'PretrainRun({self.run.dir.name}, train accuracy {self.result["train_acc"]:.3f})'
     def load_splits(self)->dict: return {'train': sklearn_digits(self.cfg.seed, self.cfg.affine_copies)}
     def backbone(self)->dict: return self.run.load_checkpoint('backbone')
 
 def cached_pretrain(cfg:PretrainConfig, device=None)->PretrainRun:
-    "Pre-train the backbone of `cfg` once; later calls, in any process, load it from the run cache."
+    "Pre-train the backbone of `cfg` once; later calls, in any process, load it from the run cache. Module `silent_majority.train`."
     if not isinstance(cfg, PretrainConfig): raise TypeError(f'expected a PretrainConfig (see pretrain_of), got {type(cfg).__name__}')
     def fn(run):
         state, res = _pretrain(cfg, device); run.save_checkpoint('backbone', state); return res
@@ -236,7 +236,7 @@ def cached_pretrain(cfg:PretrainConfig, device=None)->PretrainRun:
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def amp_context(amp:str|None, device)->contextlib.AbstractContextManager: # None | 'bf16' | 'fp16'
-    "The autocast context of a training forward pass under `amp` on `device` (a no-op for fp32)."
+    "The autocast context of a training forward pass under `amp` on `device` (a no-op for fp32). Module `silent_majority.train`."
     _check('amp', amp, AMP_MODES); device = torch.device(device)
     if amp is None: return contextlib.nullcontext()
     if amp == 'fp16' and device.type != 'cuda':
@@ -247,19 +247,19 @@ def amp_context(amp:str|None, device)->contextlib.AbstractContextManager: # None
     return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
 
 def grad_scaler(amp:str|None, device)->torch.amp.GradScaler|None:
-    "A `GradScaler` for float16 training on CUDA, else None."
+    "A `GradScaler` for float16 training on CUDA, else None. Module `silent_majority.train`."
     amp_context(amp, device)                      # the same checks
     return torch.amp.GradScaler(torch.device(device).type) if amp == 'fp16' else None
 
 # %% ../nbs/03_train.ipynb #99d4b3b2
 def dist_env()->tuple[int, int, int]: # rank, world size, local rank
-    "This process's rank, the number of processes and its rank on this machine (0, 1, 0 when alone)."
+    "This process's rank, the number of processes and its rank on this machine (0, 1, 0 when alone). Module `silent_majority.train`."
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', dist.get_rank()))
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
 
 def init_distributed(device=None)->torch.device:
-    "This rank's device (`cuda:LOCAL_RANK` on a GPU machine); starts the process group (nccl on CUDA, gloo on CPU) when there are several processes."
+    "This rank's device (`cuda:LOCAL_RANK` on a GPU machine); starts the process group (nccl on CUDA, gloo on CPU) when there are several processes. Module `silent_majority.train`."
     rank, world, local = dist_env()
     dev = get_device(device)
     if world > 1 and dev.type == 'cuda':
@@ -274,7 +274,7 @@ def shard_batch(
     idx:torch.Tensor,  # the global batch: indices of its examples
     rank:int, world:int,
 )->tuple[torch.Tensor, float]: # this rank's indices, their share of the global batch
-    "This rank's contiguous shard of a global batch and its weight; an empty shard becomes one example of weight 0."
+    "This rank's contiguous shard of a global batch and its weight; an empty shard becomes one example of weight 0. Module `silent_majority.train`."
     if not 0 <= rank < world: raise ValueError(f'rank must lie in [0, world={world}), got {rank}')
     if len(idx) == 0: raise ValueError('a global batch needs at least one example')
     part = idx.tensor_split(world)[rank]
@@ -299,7 +299,7 @@ def _predict_sharded(model, ds, device, rank, world, batch_size=512)->torch.Tens
     return torch.cat(parts)[:n].cpu()
 
 def predict_ranks(model:nn.Module, ds:GroupDataset, device=None)->torch.Tensor: # N x n_classes outputs, on the CPU
-    "`predict` on every example of `ds`; under torchrun the ranks share the work and every rank gets every output."
+    "`predict` on every example of `ds`; under torchrun the ranks share the work and every rank gets every output. Module `silent_majority.train`."
     rank, world = _dist_rank_world()
     return predict(model, ds, device=device) if world == 1 else _predict_sharded(model, ds, device, rank, world)
 
@@ -311,14 +311,14 @@ def _dist_rank_world()->tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 def train_weights(model:nn.Module)->dict:
-    "`cpu_weights` of a model, unwrapped from DistributedDataParallel and in the standard (contiguous) layout."
+    "`cpu_weights` of a model, unwrapped from DistributedDataParallel and in the standard (contiguous) layout. Module `silent_majority.train`."
     return {k: v.contiguous() for k, v in cpu_weights(getattr(model, 'module', model)).items()}
 
 def train_epoch(model, opt, train:GroupDataset, cfg:ERMConfig, epoch:int, device, bar=None,
                 indices:torch.Tensor|None=None, # the examples making one epoch, repeats allowed (JTT's up-sampling); None -> each once
                 scaler:torch.amp.GradScaler|None=None, # `grad_scaler(cfg.amp, device)`: needed for amp='fp16'
                 )->float:
-    "One epoch of ERM; returns the summed batch losses (what the plateau scheduler watches)."
+    "One epoch of ERM; returns the summed batch losses (what the plateau scheduler watches). Module `silent_majority.train`."
     rank, world = _dist_rank_world()
     if cfg.amp == 'fp16' and scaler is None: raise ValueError("amp='fp16' needs a GradScaler: pass scaler=grad_scaler('fp16', device)")
     model.train(); total = 0.0; autocast = amp_context(cfg.amp, device)
@@ -346,7 +346,7 @@ def train_epoch(model, opt, train:GroupDataset, cfg:ERMConfig, epoch:int, device
 
 @contextlib.contextmanager
 def autotune_kernels(cfg, device): # a config with a `scale`; the training device
-    "Within the block, cuDNN autotuning (`cudnn.benchmark`) for paper-scale training on CUDA; the previous setting is restored."
+    "Within the block, cuDNN autotuning (`cudnn.benchmark`) for paper-scale training on CUDA; the previous setting is restored. Module `silent_majority.train`."
     old = torch.backends.cudnn.benchmark
     if cfg.scale == 'paper' and torch.device(device).type == 'cuda': torch.backends.cudnn.benchmark = True
     try: yield
@@ -360,7 +360,7 @@ def train_erm(
     device=None,
     indices=None,          # training examples making one epoch, repeats allowed (see `train_epoch`)
 )->dict:                   # JSON-able summary: best epoch, its metrics, last-epoch metrics, torch threads
-    "Train (or resume) ERM for `cfg`, logging group metrics every epoch; under torchrun, on every rank with DDP. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads."
+    "Train (or resume) ERM for `cfg`, logging group metrics every epoch; under torchrun, on every rank with DDP. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads. Module `silent_majority.train`."
     with training_threads(cfg) as threads:
         return dict(_train_erm(cfg, run, splits, device, indices), torch_threads=threads, numerics=numerics_record())
 
@@ -422,7 +422,7 @@ def _train_erm(cfg, run, splits, device, indices)->dict:
 
 # %% ../nbs/03_train.ipynb #af9c9703
 def group_table(model:nn.Module, splits:dict, which=('train', 'test'), device=None)->pd.DataFrame:
-    "Accuracy of `model` per group on each split in `which`: columns split, group, group_name, n, acc, minority."
+    "Accuracy of `model` per group on each split in `which`: columns split, group, group_name, n, acc, minority. Module `silent_majority.train`."
     rows = []
     for s in which:
         if s not in splits: raise KeyError(f'no split {s!r}: have {list(splits)}')
@@ -433,14 +433,14 @@ def group_table(model:nn.Module, splits:dict, which=('train', 'test'), device=No
 
 # %% ../nbs/03_train.ipynb #a5bed58b
 def kept_epoch(cfg:ERMConfig, epoch:int, what:str='epoch')->int:
-    "`epoch` if the run of `cfg` keeps its weights (its final epoch or one of `keep_epochs`), else a ValueError naming them."
+    "`epoch` if the run of `cfg` keeps its weights (its final epoch or one of `keep_epochs`), else a ValueError naming them. Module `silent_majority.train`."
     if epoch != cfg.epochs and epoch not in cfg.keep_epochs:
         raise ValueError(f'{what}={epoch} is not kept by this run: expected the final epoch {cfg.epochs} or one of the '
                          f'kept epochs {list(cfg.keep_epochs)}')
     return int(epoch)
 
 class ERMRun(CachedRun):
-    "A finished ERM run from the cache."
+    "A finished ERM run from the cache. Module `silent_majority.train`."
     def __repr__(self): return f'ERMRun({self.run.dir.name}, best epoch {self.result["best_epoch"]})'
     def load_splits(self)->dict: return load_splits(self.cfg)
     def model(self, which:str|int='last', device=None)->nn.Module: # 'last' | 'best' | a kept epoch (or the final one)
@@ -458,7 +458,7 @@ class ERMRun(CachedRun):
         return metrics_frame(self.run.metrics(), self.splits()['train'].group_names)
 
 def metrics_frame(rows:list[dict], group_names:list|None=None)->pd.DataFrame:
-    "Turn logged epoch rows into one row per (epoch, split, group) with acc, n, wga, mean_acc, weighted_acc."
+    "Turn logged epoch rows into one row per (epoch, split, group) with acc, n, wga, mean_acc, weighted_acc. Module `silent_majority.train`."
     out = []
     for r in rows:
         for split in ('train', 'val', 'test'):
@@ -477,7 +477,7 @@ def drop_resume_state(
     keep:bool=False,              # keep the resume state (a config's `keep_resume_state`)
     name:str='last',
 )->int:                           # bytes saved
-    "Rewrite a finished run's `last` as weights only (with its epoch and best-epoch record): optimizer, scheduler and scaler state dropped. Under torchrun, rank 0 alone writes."
+    "Rewrite a finished run's `last` as weights only (with its epoch and best-epoch record): optimizer, scheduler and scaler state dropped. Under torchrun, rank 0 alone writes. Module `silent_majority.train`."
     if keep or dist_env()[0] != 0 or not run.has_checkpoint(name): return 0
     st = run.load_checkpoint(name)
     if not isinstance(st, dict) or not any(k in st for k in RESUME_KEYS): return 0
@@ -492,7 +492,7 @@ def cached_training(
     splits:Callable,      # () -> the splits to train on
     device=None,
 )->tuple[Run, dict, dict|None]: # the run, its result, and the splits when they were loaded here
-    "`cached_run` for training that torchrun may spread over ranks: rank 0 loads the data first, holds the run's lock and decides; every rank trains, rank 0 alone writes, every rank returns the stored run."
+    "`cached_run` for training that torchrun may spread over ranks: rank 0 loads the data first, holds the run's lock and decides; every rank trains, rank 0 alone writes, every rank returns the stored run. Module `silent_majority.train`."
     if dist_env()[1] == 1:
         run, result = cached_run(cfg, lambda r: train(r, splits(), device), kind=kind)
         return run, result, None
@@ -516,7 +516,7 @@ def _train_and_finish(cfg, run, splits, device)->dict:
     drop_resume_state(run, cfg.keep_resume_state); return result
 
 def cached_erm(cfg:ERMConfig, device=None)->ERMRun:
-    "Train `cfg` once (resuming if interrupted); later calls load the stored run. Under torchrun, every rank calls it."
+    "Train `cfg` once (resuming if interrupted); later calls load the stored run. Under torchrun, every rank calls it. Module `silent_majority.train`."
     run, result, splits = cached_training(cfg, partial(_train_and_finish, cfg), 'erm', partial(load_splits, cfg), device)
     erm = ERMRun(cfg, run, result)
     if splits is not None: erm._splits = splits
@@ -526,7 +526,7 @@ def cached_erm(cfg:ERMConfig, device=None)->ERMRun:
 def _field_value(text:str)->tuple: return parse_assignment(text, '--set FIELD=VALUE')
 
 def main(argv:list|None=None)->int:
-    "`sm-train [--method erm|jtt] [--dataset D] [--scale S] [--preset P] [--seed N] [--amp bf16|fp16] [--set FIELD=VALUE ...]`; under torchrun, on every rank."
+    "`sm-train [--method erm|jtt] [--dataset D] [--scale S] [--preset P] [--seed N] [--amp bf16|fp16] [--set FIELD=VALUE ...]`; under torchrun, on every rank. Module `silent_majority.train`."
     ap = argparse.ArgumentParser(prog='sm-train', description='Train (or load) one cached ERM or JTT run; under torchrun, with DDP.')
     ap.add_argument('--method', default='erm', choices=('erm', 'jtt'), help='erm, or JTT started from the ERM run the other options describe')
     ap.add_argument('--dataset', help='waterbirds | celeba at paper scale (default waterbirds); waterbirds_like | celeba_like otherwise')

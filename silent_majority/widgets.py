@@ -21,7 +21,7 @@ __all__ = ['list_erm_runs', 'load_engine', 'scope_layers', 'scope_size', 'explor
 
 # %% ../nbs/explore.ipynb #4ad5f53b
 def list_erm_runs(root:str|Path|None=None)->pd.DataFrame: # folder of runs (None -> `cache_dir()/'runs'`)
-    "The finished ERM runs in the cache: run, dataset, scale, preset, seed, arch, epochs, standard, label, config."
+    "The finished ERM runs in the cache: run, dataset, scale, preset, seed, arch, epochs, standard, label, config. Module `silent_majority.widgets`."
     root = Path(root or cache_dir()/'runs'); rows, skipped = [], []
     for d in sorted(root.glob('erm-*')) if root.is_dir() else []:
         if not (d/'done.json').exists(): continue                     # still training, or interrupted
@@ -47,7 +47,7 @@ def load_engine(
     eval_splits=('train', 'test'), # splits the engine reads accuracy on
     device=None,
 )->tuple[ERMRun, TracingEngine]:
-    "The finished ERM run of `cfg` and a `TracingEngine` on its traced epoch (`eng.epoch`); never trains."
+    "The finished ERM run of `cfg` and a `TracingEngine` on its traced epoch (`eng.epoch`); never trains. Module `silent_majority.widgets`."
     root = Path(root or cache_dir()/'runs'); d = root/f'erm-{config_hash(cfg)}'
     if not (d/'done.json').exists():
         raise FileNotFoundError(f'no finished ERM run erm-{config_hash(cfg)} in {root}: train it first (`cached_erm`)')
@@ -59,12 +59,12 @@ def _check_choice(what, value, allowed):
     if value not in allowed: raise ValueError(f'unknown {what} {value!r}: expected one of {list(allowed)}')
 
 def scope_layers(eng:TracingEngine, criterion:str)->list[str]: # candidate layers, in model order
-    "The layers a view of `criterion` can be scoped to."
+    "The layers a view of `criterion` can be scoped to. Module `silent_majority.widgets`."
     _check_choice('criterion', criterion, CRITERIA)
     return candidate_layers(eng.model, eng.candidates[criterion])
 
 def scope_size(eng:TracingEngine, criterion:str, scope:str='global')->int:
-    "Number of candidate neurons in `scope` ('global' or a layer) for `criterion`."
+    "Number of candidate neurons in `scope` ('global' or a layer) for `criterion`. Module `silent_majority.widgets`."
     layers = scope_layers(eng, criterion)
     if scope != 'global' and scope not in layers: raise ValueError(f"unknown scope {scope!r}: expected 'global' or one of {layers}")
     return sum(eng.model.get_submodule(l).weight.shape[0] for l in (layers if scope == 'global' else [scope]))
@@ -81,7 +81,7 @@ def explore_view(
     select_group:int|None=1,     # gradient: whose highest-loss training examples choose; None: no group labels
     reference:dict|None=None,    # mode 'rewind': state dict of an earlier checkpoint
 )->tuple[pd.DataFrame, pd.DataFrame]: # per group; per chosen neuron
-    "Modify the top-k neurons of a criterion in a scope and read every group's accuracy on `split`."
+    "Modify the top-k neurons of a criterion in a scope and read every group's accuracy on `split`. Module `silent_majority.widgets`."
     _check_choice('split', split, eng.splits); _check_choice('mode', mode, MODES)
     n = scope_size(eng, criterion, scope)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
@@ -109,7 +109,7 @@ def plot_view(
     title:str='',
     ax=None,               # draw into this axes (None -> a new 6.4 x 3.6 in figure)
 )->Figure:
-    "Bar chart of each group's accuracy change (points), minority groups in orange."
+    "Bar chart of each group's accuracy change (points), minority groups in orange. Module `silent_majority.widgets`."
     need = {'group', 'minority', 'acc_before', 'acc_after', 'delta_acc'}
     if not need <= set(groups.columns): raise ValueError(f'groups needs columns {sorted(need)}, got {sorted(groups.columns)}')
     if ax is None: fig = Figure(figsize=(6.4, 3.6), dpi=100); ax = fig.add_subplot()
@@ -129,7 +129,7 @@ def plot_view(
     return fig
 
 def figure_png(fig:Figure, dpi:int=100)->bytes:
-    "The figure as PNG bytes."
+    "The figure as PNG bytes. Module `silent_majority.widgets`."
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi); return buf.getvalue()
 
 # %% ../nbs/explore.ipynb #7482ef81
@@ -145,7 +145,7 @@ def _choose(w, options, value):
     w.value = value if value in values else (values[0] if values else None)
 
 class Explorer:
-    "Interactive Stage I explorer: controls, a live bar chart of each group's accuracy change, the chosen neurons."
+    "Interactive Stage I explorer: controls, a live bar chart of each group's accuracy change, the chosen neurons. Module `silent_majority.widgets`."
     def __init__(self,
         dataset:str='waterbirds_like',  # the run opened first (and the default of the train row)
         scale:str='cpu',

@@ -77,3 +77,19 @@ def test_readme_own_model_section_matches_tutorial():
     tutorial = {l.strip() for c in nb.cells if c.cell_type == 'code' for l in c.source.splitlines()}
     missing = [l for l in block.splitlines() if l.strip() and l.strip() not in tutorial]
     assert not missing, f'README lines not in the tutorial: {missing}'
+
+
+def test_every_public_docstring_names_its_module():
+    "Each exported function and class says in its docstring which module it lives in (`help()` and `?` then show where to import it from)."
+    import importlib, inspect, pkgutil
+    import silent_majority
+    mods = [importlib.import_module(f'silent_majority.{m.name}') for m in pkgutil.iter_modules(silent_majority.__path__)
+            if m.name not in ('_modidx', 'all')]
+    assert len(mods) > 15
+    missing = []
+    for mod in mods:
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == mod.__name__:
+                if f'`{mod.__name__}`' not in (obj.__doc__ or ''): missing.append(f'{mod.__name__}.{name}')
+    assert not missing, f'docstrings without their module: {missing}'
