@@ -46,8 +46,10 @@ def _norm_stats(mean, std, n_channels:int)->tuple[tuple, tuple]:
     return mean, std
 
 def _check_unit_range(x:torch.Tensor, what:str='float images'):
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f'{what} must lie in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}] '
+    if not len(x): return
+    lo, hi = torch.aminmax(x)
+    if lo < 0 or hi > 1:
+        raise ValueError(f'{what} must lie in [0, 1], got values in [{float(lo):.3g}, {float(hi):.3g}] '
                          f'(uint8 images hold 0-255; normalisation is applied later, from mean and std)')
 
 class GroupDataset(torch.utils.data.Dataset):

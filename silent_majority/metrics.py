@@ -62,15 +62,18 @@ def group_accuracy(
 # %% ../nbs/02a_metrics.ipynb #90553046
 def predict(
     model:nn.Module,        # returns logits (or probabilities, for the released code's variant)
-    ds:GroupDataset,        # split to run over
+    ds:GroupDataset|torch.Tensor, # split to run over (its images normalised with its mean/std), or a normalised float batch
     batch_size:int=512,     # eval batch; eval-mode BatchNorm makes outputs independent of it
     device=None,            # None -> `get_device()`
 )->torch.Tensor:            # N x n_classes outputs, on the CPU
     "Outputs of `model` on every example of `ds`, in order. Module `silent_majority.metrics`."
+    tensor = torch.is_tensor(ds)
+    if tensor and not (ds.is_floating_point() and ds.ndim >= 2 and len(ds)):
+        raise ValueError(f'a batch to predict on must be a non-empty normalised float tensor, got {ds.dtype} {tuple(ds.shape)}')
     device = get_device(device); model.eval().to(device); outs = []
     with torch.inference_mode():
         for i in range(0, len(ds), batch_size):
-            xb = to_float(ds.x[i:i + batch_size].to(device), ds.mean, ds.std)
+            xb = ds[i:i + batch_size].to(device) if tensor else to_float(ds.x[i:i + batch_size].to(device), ds.mean, ds.std)
             outs.append(model(xb).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, ds.n_classes)
 

@@ -14,7 +14,7 @@ from torch import nn
 from .core import get_device
 from .data import GroupDataset, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, outputs_probabilities
-from .metrics import predict
+from .metrics import _labels, predict
 
 # %% auto #0
 __all__ = ['CANDIDATE_SETS', 'CANDIDATE_PRESETS', 'TRANSFORMER_CANDIDATES', 'GRADIENT_SAMPLE_RULES', 'MODES', 'neuron_layers',
@@ -163,22 +163,13 @@ def _check_count(what, v):
         raise ValueError(f'{what} must be a positive int, got {v!r}')
     return int(v)
 
-def _tensor_outputs(model:nn.Module, x:torch.Tensor, device=None, batch_size:int=512)->torch.Tensor: # N x n_classes, on the CPU
-    "`model`'s eval-mode outputs on a normalised float batch, in batches."
-    device = get_device(device); model.eval().to(device)
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
-
 def _sample_source(ds)->tuple: # (x or None, y, g, n_groups or None, where)
     if isinstance(ds, GroupDataset): return None, ds.y, ds.g, ds.n_groups, ds.split or ds.name
     if isinstance(ds, (tuple, list)) and len(ds) == 3:
         x, y, g = ds
         if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2):
             raise ValueError(f'x must be the normalised float batch the model takes, got {getattr(x, "dtype", type(x).__name__)}')
-        y, g = torch.as_tensor(y), torch.as_tensor(g)
-        for what, v in (('y', y), ('g', g)):
-            if v.dtype != torch.int64 or v.shape != (len(x),): raise ValueError(f'{what} must be int64 of shape ({len(x)},), got {v.dtype} {tuple(v.shape)}')
-        return x, y, g, None, 'the tensors given'
+        return x, _labels(y, 'y', len(x)), _labels(g, 'g', len(x)), None, 'the tensors given'
     raise TypeError(f'ds must be a GroupDataset or a tuple (x, y, g) of tensors, got {type(ds).__name__}')
 
 def gradient_samples(
@@ -207,7 +198,7 @@ def gradient_samples(
         pool = (gs == group).nonzero().flatten()
     if not len(pool): raise ValueError(f'group {group} has no examples in this split ({where}): nothing to take a gradient on')
     was_training = model.training
-    try: out = predict(model, ds.subset(pool), device=device) if x is None else _tensor_outputs(model, x[pool], device)
+    try: out = predict(model, ds.subset(pool) if x is None else x[pool], device=device)
     finally: model.train(was_training)
     y = ys[pool]
     if R['by'] == 'loss': badness = F.cross_entropy(out, y, reduction='none')
