@@ -15,7 +15,7 @@ from .data import GroupDataset
 from .train import (ERMRun, REAL_DATASETS, SCALES, SYNTHETIC_DATASETS, TRAIN_PRESETS, cached_erm, cached_training,
                                    drop_resume_state, kept_epoch, predict_ranks, train_erm)
 from .metrics import group_metrics
-from .classify import embeddings, upsample_indices
+from .classify import embeddings, jtt
 from .finetune import (FinetuneConfig, Penultimate, cached_finetune, erm_of, finetune_config, paper_dataset,
                                       with_regime)
 
@@ -71,10 +71,11 @@ def cached_jtt(cfg:JTTConfig, device=None)->ERMRun:
     final_cfg = dataclasses.replace(erm.cfg, epochs=cfg.epochs, keep_epochs=())
     def train(run, splits, device):
         with training_threads(final_cfg):                # the error set too: its predictions sum floats
-            tr = splits['train']
-            ident = erm.model(cfg.id_epoch, device=device)
-            errors = (predict_ranks(ident, tr, device).argmax(1) != tr.y).nonzero().flatten()    # the same on every rank
-            res = train_erm(final_cfg, run, splits, device, indices=upsample_indices(errors, len(tr), cfg.upweight))
+            tr = splits['train']                         # `classify.jtt` with ERM's checkpoint at id_epoch and ERM's trainer
+            j = jtt(None, tr, upweight=cfg.upweight, device=device, identification=erm.model(cfg.id_epoch, device=device),
+                    fit_final=lambda indices: train_erm(final_cfg, run, splits, device, indices=indices),
+                    outputs=predict_ranks)                # the error set is the same on every rank
+            res, errors = j['final'], j['error_set']
         drop_resume_state(run, final_cfg.keep_resume_state)
         return dict(res, error_set_size=len(errors), error_set_groups=torch.bincount(tr.g[errors], minlength=tr.n_groups).tolist())
     run, result, _ = cached_training(cfg, train, 'jtt', erm.splits, device)

@@ -5,6 +5,7 @@
 # %% ../nbs/12_classify.ipynb #28ab1a50
 from __future__ import annotations
 import dataclasses, os, time
+from collections.abc import Callable
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -13,12 +14,12 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
-from .core import (SCALES, CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, numerics_record,
+from .core import (SCALES, CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, numerics_record,
                                   training_threads)
 from .data import GroupDataset, HALF_NORM, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
 from .models import LeNet, lenet, load_weights
 from .metrics import predict, group_metrics
+from .loop import batches, epoch_order, fit_epochs, optimizer_step
 
 # %% auto #0
 __all__ = ['COURSE_SCALES', 'COURSE_METHODS', 'COURSE_DATASETS', 'embeddings', 'linear_probe', 'fit_classifier',
@@ -112,18 +113,17 @@ def fit_classifier(
     opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
            if optimizer == 'sgd' else torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
     history = []
-    for epoch in tqdm(range(epochs), desc=desc, disable=not show_progress(progress), leave=False):
+    def step(epoch):                 # `loop.fit_epochs` counts epochs from 1; epoch e's batch order comes from seed * 100_003 + e - 1
         model.train(); total, seen = 0.0, 0
-        gen = torch.Generator().manual_seed(int(seed) * 100_003 + epoch)
-        order = order_src[torch.randperm(len(order_src), generator=gen)]
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        order = epoch_order(order_src, torch.Generator().manual_seed(int(seed) * 100_003 + epoch - 1))
+        for idx in batches(order, int(batch_size), desc=f'{desc} epoch {epoch}', progress=progress):
             xb = to_float(train_ds.x[idx].to(device), train_ds.mean, train_ds.std)
             ce = F.cross_entropy(model(xb), train_ds.y[idx].to(device), reduction='none')
             loss = (ce * w[idx].to(device)).mean() if w is not None else ce.mean()
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            optimizer_step(opt, loss)
             total += loss.item() * len(idx); seen += len(idx)
-        history.append(total / seen)
+        history.append(total / seen); return history[-1], {}
+    fit_epochs(step, int(epochs), select=None, desc=desc, progress=progress, leave=False)
     model.history = history
     return model.eval()
 
@@ -142,15 +142,8 @@ def upsample_indices(
     return torch.cat([keep.nonzero().flatten(), err.repeat(int(upweight))])
 
 # %% ../nbs/12_classify.ipynb #b290a329
-def _predict_labels(model, ds, batch_size=512, device=None):
-    device = get_device(device); model.eval().to(device); out = []
-    with torch.inference_mode():
-        for i in range(0, len(ds), batch_size):
-            out.append(model(to_float(ds.x[i:i + batch_size].to(device), ds.mean, ds.std)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
-
 def jtt(
-    model_fn,                  # model_fn() -> a freshly initialised model (called twice)
+    model_fn,                  # model_fn() -> a freshly initialised model; None when `identification` and `fit_final` are both given
     train_ds:GroupDataset,
     id_epochs:int=2,           # T: epochs of the identification model
     upweight:int=20,           # lambda_up: copies of each error-set example per epoch of the final model
@@ -158,17 +151,23 @@ def jtt(
     seed:int=0,                # batch order of both stages
     device=None,
     progress:bool|None=None,
+    identification:nn.Module|None=None, # an identification model already trained (say ERM's checkpoint at epoch T); None -> `fit_classifier` for `id_epochs`
+    fit_final:Callable|None=None,       # fit_final(indices) -> the final model (or its trainer's result), trained on one up-sampled epoch; None -> `fit_classifier`
+    outputs:Callable=predict,           # outputs(model, ds, device=...) -> N x classes: what the error set is read from
     **fit_kw,                  # passed to `fit_classifier` for both stages (lr, batch_size, optimizer, ...)
-)->dict:                       # {'identification': model, 'final': model, 'error_set': LongTensor of indices}
-    "Just Train Twice: an identification model, its error set on the training split, a fresh model on the up-sampled set. Module `silent_majority.classify`."
+)->dict:                       # {'identification': model, 'final': model (or `fit_final`'s result), 'error_set': LongTensor of indices}
+    "Just Train Twice: an identification model, its error set on the training split, a final model on the up-sampled set; the paper's cached JTT (`baselines.cached_jtt`) runs it with ERM's checkpoint and trainer. Module `silent_majority.classify`."
     bad = {'indices', 'sample_weights', 'epochs'} & set(fit_kw)
     if bad: raise ValueError(f'jtt sets {sorted(bad)} itself: use id_epochs, upweight and epochs')
-    ident = fit_classifier(model_fn(), train_ds, epochs=id_epochs, seed=seed, device=device, progress=progress,
-                           desc=f'JTT identification (T={id_epochs})', **fit_kw)
-    error_set = (_predict_labels(ident, train_ds, device=device) != train_ds.y).nonzero().flatten()
-    final = fit_classifier(model_fn(), train_ds, epochs=epochs, seed=seed, device=device, progress=progress,
-                           indices=upsample_indices(error_set, len(train_ds), upweight),
-                           desc=f'JTT final (up-weight {upweight})', **fit_kw)
+    if model_fn is None and (identification is None or fit_final is None):
+        raise ValueError('jtt needs model_fn (a fresh model for each stage) unless both identification and fit_final are given')
+    ident = identification if identification is not None else fit_classifier(
+        model_fn(), train_ds, epochs=id_epochs, seed=seed, device=device, progress=progress, desc=f'JTT identification (T={id_epochs})', **fit_kw)
+    error_set = (outputs(ident, train_ds, device=device).argmax(1) != train_ds.y).nonzero().flatten()
+    indices = upsample_indices(error_set, len(train_ds), upweight)
+    final = fit_final(indices) if fit_final is not None else fit_classifier(
+        model_fn(), train_ds, epochs=epochs, seed=seed, device=device, progress=progress, indices=indices,
+        desc=f'JTT final (up-weight {upweight})', **fit_kw)
     return dict(identification=ident, final=final, error_set=error_set)
 
 # %% ../nbs/12_classify.ipynb #c4ec47e2

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
-from .core import SCALES, CachedRun, Run, cached_run, check_fields, seed_everything, get_device, show_progress, training_threads, numerics_record
+from .core import SCALES, CachedRun, Run, cached_run, check_fields, seed_everything, get_device, training_threads, numerics_record
 from .data import GroupDataset, HALF_NORM, SPLITS, mnist_digits, colorize, cue_colors, check_jitter, jitter_offsets, to_float, augment
 from .classify import embeddings, linear_probe
 from .models import load_weights
+from .loop import batches, epoch_order, fit_epochs, optimizer_step
 
 # %% auto #0
 __all__ = ['COLOR4_NAMES', 'COLOR4_RGB', 'DIGIT_COLORS', 'ENCODER_LAYERS', 'CONTRASTIVE_LOSSES', 'color_mnist4',
@@ -283,24 +283,22 @@ def _fit_epochs(cfg:ContrastiveConfig, run:Run, train:GroupDataset, device)->dic
     net = _new_net(cfg, train.x.shape[1]).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     two = TwoCropTransform(scale=cfg.crop_scale, hflip=cfg.hflip)
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f'{cfg.loss} {cfg.dataset} seed {cfg.seed}', disable=not show_progress())
-    t0, loss = time.perf_counter(), float('nan')
-    for epoch in bar:
-        net.train(); order = torch.randperm(len(train), generator=_epoch_generator(cfg.seed, epoch, 0))
+    t0, losses = time.perf_counter(), [float('nan')]
+    def step(epoch):                                         # one epoch of the contrastive loss, through `loop.fit_epochs`
+        net.train(); order = epoch_order(len(train), _epoch_generator(cfg.seed, epoch, 0))
         gen, total, seen = _epoch_generator(cfg.seed, epoch, 1, device), 0.0, 0
-        for i in range(0, len(train), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            if len(idx) < 2: continue                        # a batch of one has no negatives
+        for idx in batches(order, cfg.batch_size, min_size=2, desc=f'epoch {epoch}'):   # a batch of one has no negatives
             v1, v2 = two(to_float(train.x[idx].to(device), train.mean, train.std), gen)
             z = net(torch.cat([v1, v2]))
             feats = torch.stack(z.split(len(idx)), 1)       # N x 2 x d
             lb = train.y[idx].to(device) if cfg.loss == 'supcon' else None
             batch_loss = supcon_loss(feats, lb, cfg.temperature)
-            opt.zero_grad(set_to_none=True); batch_loss.backward(); opt.step()
+            optimizer_step(opt, batch_loss)
             total += batch_loss.item() * len(idx); seen += len(idx)
-        loss = total / max(seen, 1)
-        run.log(epoch=epoch, loss=loss, seconds=round(time.perf_counter() - t0, 2))
-        bar.set_postfix(loss=f'{loss:.3f}')
+        losses.append(total / max(seen, 1)); return losses[-1], dict(loss=losses[-1])
+    def log(epoch, loss): run.log(epoch=epoch, loss=loss, seconds=round(time.perf_counter() - t0, 2))
+    fit_epochs(step, cfg.epochs, log=log, select=None, desc=f'{cfg.loss} {cfg.dataset} seed {cfg.seed}')
+    loss = losses[-1]
     run.save_checkpoint('net', {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
     return dict(epochs=cfg.epochs, final_loss=loss, seconds=round(time.perf_counter() - t0, 2), n_train=len(train))
 

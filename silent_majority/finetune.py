@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
-from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, show_progress, training_threads, numerics_record
+from .core import Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, training_threads, numerics_record
 from .data import GroupDataset, augment, to_float
 from .models import TRANSFORMER_ARCHS, classifier_name, load_weights, outputs_probabilities
 from .neurons import CANDIDATE_SETS, candidate_layers, default_candidates, gradient_samples, gradient_scores, magnitude_scores, top_k
@@ -21,6 +20,7 @@ from .train import (AMP_MODES, DEFAULT_REGIME, ERMConfig, ERMRun, REAL_DATASETS,
                                    autotune_kernels, amp_context, cached_erm, drop_resume_state, erm_config,
                                    grad_scaler, kept_epoch, metrics_frame)
 from .metrics import evaluate
+from .loop import NO_BEST, batches, epoch_order, fit_epochs, optimizer_step, resume, resume_state
 
 # %% auto #0
 __all__ = ['MASK_CRITERIA', 'GRAD_SOURCES', 'SUP_LOSSES', 'FINETUNE_OPTIONS', 'neuron_mask', 'smallest_weights_mask',
@@ -217,11 +217,9 @@ def finetune_epoch(model:nn.Module, head:nn.Module|None, masks:dict, opt, train:
     "One epoch of contrastive fine-tuning against the masked model. Module `silent_majority.finetune`."
     if cfg.amp == 'fp16' and scaler is None: raise ValueError("amp='fp16' needs a GradScaler: pass scaler=grad_scaler('fp16', device)")
     model.train(); head is not None and head.train(); probs = outputs_probabilities(model); autocast = amp_context(cfg.amp, device)
-    order = torch.randperm(len(train), generator=_gen(cfg.seed, epoch)); gen = _gen(cfg.seed, epoch, device)
+    order = epoch_order(len(train), _gen(cfg.seed, epoch)); gen = _gen(cfg.seed, epoch, device)
     sums = dict(total=0.0, nt=0.0, sup=0.0)
-    for i in tqdm(range(0, len(train), cfg.batch_size), desc=f'fine-tune epoch {epoch}', leave=False, disable=not show_progress()):
-        idx = order[i:i + cfg.batch_size]
-        if len(idx) < 2: continue                                  # NT-Xent needs a negative
+    for idx in batches(order, cfg.batch_size, min_size=2, desc=f'fine-tune epoch {epoch}'):   # NT-Xent needs a negative
         x = to_float(train.x[idx].to(device), train.mean, train.std); y = train.y[idx].to(device)
         x1 = augment(x, generator=gen) if cfg.augment else x
         x2 = x1 if cfg.views == 'shared' else (augment(x, generator=gen) if cfg.augment else x)
@@ -239,9 +237,7 @@ def finetune_epoch(model:nn.Module, head:nn.Module|None, masks:dict, opt, train:
         else: nt = loss_nt = nt_xent(a2, b, cfg.tau)
         sup = supervised_loss(out, y, cfg.sup_loss, probs)
         loss = loss_nt + cfg.lam * sup
-        opt.zero_grad(set_to_none=True)
-        if scaler is None: loss.backward(); opt.step()
-        else: scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+        optimizer_step(opt, loss, scaler)
         sums['total'] += loss.item(); sums['nt'] += nt.item(); sums['sup'] += sup.item()
     return sums
 
@@ -274,22 +270,17 @@ def _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start:in
                    log:Callable,                    # log(epoch, **kw) -> the epoch's row, with its 'val' metrics
                    on_epoch:Callable|None=None,     # on_epoch(epoch, best, improved) after each epoch
                    desc:str='fine-tune')->dict:     # the best {'epoch', 'wga'} by val worst-group accuracy
-    "Epochs `start + 1 .. cfg.epochs` of Stage II: the mask from the current weights, an epoch against it, the plateau step on the summed loss, the epoch's row, and the best val worst-group accuracy so far."
-    bar = tqdm(range(start + 1, cfg.epochs + 1), desc=desc, initial=start, total=cfg.epochs, disable=not show_progress())
+    "Epochs `start + 1 .. cfg.epochs` of Stage II through `loop.fit_epochs`: each the mask from the current weights and an epoch against it; the plateau step on the summed loss, the epoch's row and the best val worst-group accuracy so far."
+    def step(epoch):
+        t0 = time.perf_counter()
+        masks, info = auxiliary_mask(model, train, cfg.criterion, cfg.frac, cfg.candidates, cfg.grad_source,
+                                     seed=cfg.seed * 1_000 + epoch, device=device)
+        t1 = time.perf_counter()
+        sums = finetune_epoch(model, head, masks, opt, train, cfg, epoch, device, scaler=scaler)
+        return sums['total'], dict(mask=info, mask_seconds=t1 - t0, train_seconds=time.perf_counter() - t1,
+                                   **{f'loss_{k}': v for k, v in sums.items()})
     with autotune_kernels(cfg, device):
-        for epoch in bar:
-            t0 = time.perf_counter()
-            masks, info = auxiliary_mask(model, train, cfg.criterion, cfg.frac, cfg.candidates, cfg.grad_source,
-                                         seed=cfg.seed * 1_000 + epoch, device=device)
-            t1 = time.perf_counter()
-            sums = finetune_epoch(model, head, masks, opt, train, cfg, epoch, device, scaler=scaler)
-            t2 = time.perf_counter(); sched.step(sums['total'])
-            row = log(epoch, mask=info, mask_seconds=t1 - t0, train_seconds=t2 - t1, **{f'loss_{k}': v for k, v in sums.items()})
-            bar.set_postfix(loss=f"{sums['total']:.3f}", val_wga=f"{row['val']['wga']:.3f}")
-            improved = row['val']['wga'] > best['wga']
-            if improved: best = {'epoch': epoch, 'wga': row['val']['wga']}
-            if on_epoch is not None: on_epoch(epoch, best, improved)
-    return best
+        return fit_epochs(step, cfg.epochs, start, log, sched, best=best, on_epoch=on_epoch, desc=desc)
 
 def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
     "Fine-tune the ERM model of `cfg` from its kick-in epoch (resuming if interrupted); returns the summary. At smoke and cpu scale on `core.TRAINING_THREADS` torch threads. Module `silent_majority.finetune`."
@@ -303,27 +294,14 @@ def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:
     model, head, opt = initial_models(cfg, erm, device)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, 'min', factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     scaler = grad_scaler(cfg.amp, device)
-    start, best = 0, {'epoch': -1, 'wga': -1.0}
-    if run.has_checkpoint('last'):
-        st = run.load_checkpoint('last'); start = st['epoch']
-        if 'optimizer' not in st and start < cfg.epochs:
-            raise ValueError(f"{run.ckpt_path('last')} holds the weights of a run finished at epoch {start} without its "
-                             f"optimizer state, so it cannot be resumed to epoch {cfg.epochs}: fine-tune into a fresh folder, "
-                             f"or set keep_resume_state=True for runs you mean to continue")
-        _load_state(model, head, st['weights'])
-        if 'optimizer' in st: opt.load_state_dict(st['optimizer']); sched.load_state_dict(st['scheduler'])
-        if scaler is not None and 'scaler' in st: scaler.load_state_dict(st['scaler'])
-        best = st['best']
-    run.truncate_metrics(lambda r: r['epoch'] <= start)   # rows of epochs after `last` (logged, then a crash)
+    start, best = resume(run, cfg.epochs, lambda st: _load_state(model, head, st), opt, sched, scaler, key='weights', what='fine-tune')
     def log(epoch, **kw):
         row = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], **kw)
         row.update({s: evaluate(model, splits[s], device=device) for s in ('val', 'test')}); run.log(**row); return row
     if start == 0 and not run.metrics(): log(0)
     def checkpoint(epoch, best, improved):               # `best` when val WGA improves; `last` with its resume state, always
         if improved: run.save_checkpoint('best', _state(model, head))
-        state = dict(weights=_state(model, head), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best=best)
-        if scaler is not None: state['scaler'] = scaler.state_dict()
-        run.save_checkpoint('last', state)
+        run.save_checkpoint('last', resume_state(_state(model, head), 'weights', opt, sched, epoch, best, scaler))
     best = _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start, best, log, checkpoint,
                           desc=f'fine-tune {cfg.dataset} seed {cfg.seed}')
     rows = {r['epoch']: r for r in run.metrics()}
@@ -385,8 +363,7 @@ def finetune_model(
     def keep(epoch, best, improved):
         if improved: kept['best'] = copy.deepcopy(cpu_weights(model))
     log(0)
-    best = _stage2_epochs(model, head, opt, sched, grad_scaler(cfg.amp, device), cfg, train, device, 0,
-                          {'epoch': -1, 'wga': -1.0}, log, keep)
+    best = _stage2_epochs(model, head, opt, sched, grad_scaler(cfg.amp, device), cfg, train, device, 0, NO_BEST, log, keep)
     if 'best' in kept: load_weights(model, kept['best'])       # no val WGA (empty groups): the last epoch's weights stay
     hist = metrics_frame(rows, val.group_names)
     hist.attrs.update(best_epoch=best['epoch'] if best['epoch'] > 0 else cfg.epochs, config=dataclasses.asdict(cfg))

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from .core import (SCALES, CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights, numerics_record,
-                                  seed_everything, get_device, config_dict, show_progress, parse_assignment, training_threads, environ)
+                                  seed_everything, get_device, config_dict, parse_assignment, training_threads, environ)
 from .data import GroupDataset, spurious_mnist, sklearn_digits, load_waterbirds, load_celeba, to_float, augment
 from .metrics import predict, group_metrics, evaluate   # re-exported: `silent_majority.train.evaluate` as before
+from .loop import batches, epoch_order, fit_epochs, optimizer_step, resume, resume_state
 from .classify import fit_classifier   # the course's plain classification loop, for the pre-training
 from .models import TRANSFORMER_ARCHS, build_model, classifier_name, load_weights, outputs_probabilities, weights_file
 
@@ -322,22 +322,16 @@ def train_epoch(model, opt, train:GroupDataset, cfg:ERMConfig, epoch:int, device
     rank, world = _dist_rank_world()
     if cfg.amp == 'fp16' and scaler is None: raise ValueError("amp='fp16' needs a GradScaler: pass scaler=grad_scaler('fp16', device)")
     model.train(); total = 0.0; autocast = amp_context(cfg.amp, device)
-    src = torch.arange(len(train)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
-    order = src[torch.randperm(len(src), generator=_epoch_generator(cfg.seed, epoch))]   # the same on every rank
+    order = epoch_order(len(train) if indices is None else indices, _epoch_generator(cfg.seed, epoch))   # the same on every rank
     gen = _epoch_generator(cfg.seed, epoch, device, rank) if cfg.augment else None
-    batches = range(0, len(order), cfg.batch_size)
-    for i in tqdm(batches, desc=f'epoch {epoch}', leave=False, disable=not show_progress() or rank > 0):
-        idx = order[i:i + cfg.batch_size]
+    for idx in batches(order, cfg.batch_size, desc=f'epoch {epoch}', progress=False if rank > 0 else None):
         if world > 1: idx, share = shard_batch(idx, rank, world)
         xb = to_float(train.x[idx].to(device, non_blocking=True), train.mean, train.std)
         if cfg.augment: xb = augment(xb, generator=gen)
         if cfg.channels_last and xb.is_cuda: xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast: out = model(xb)
         loss = F.cross_entropy(out.float(), train.y[idx].to(device))
-        step_loss = loss if world == 1 else loss * (share * world)   # DDP averages over ranks -> the global batch mean
-        opt.zero_grad(set_to_none=True)
-        if scaler is None: step_loss.backward(); opt.step()
-        else: scaler.scale(step_loss).backward(); scaler.step(opt); scaler.update()
+        optimizer_step(opt, loss if world == 1 else loss * (share * world), scaler)   # DDP averages over ranks -> the global batch mean
         total += loss.item() if world == 1 else loss.item() * share
     if world > 1:                                  # every rank steps its scheduler on the same global sum
         t = torch.tensor([total], dtype=torch.float64, device=device); dist.all_reduce(t); total = float(t)
@@ -375,18 +369,7 @@ def _train_erm(cfg, run, splits, device, indices)->dict:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
     scaler = grad_scaler(cfg.amp, device)
-    start, best = 0, {'epoch': -1, 'wga': -1.0}
-    if run.has_checkpoint('last'):                       # resume after an interruption
-        st = run.load_checkpoint('last'); start = st['epoch']
-        if 'optimizer' not in st and start < cfg.epochs:
-            raise ValueError(f"{run.ckpt_path('last')} holds the weights of a run finished at epoch {start} without its "
-                             f"optimizer state, so it cannot be resumed to epoch {cfg.epochs}: train into a fresh folder, "
-                             f"or set keep_resume_state=True for runs you mean to continue")
-        load_weights(net, st['model'])
-        if 'optimizer' in st: opt.load_state_dict(st['optimizer']); sched.load_state_dict(st['scheduler'])
-        if scaler is not None and 'scaler' in st: scaler.load_state_dict(st['scaler'])
-        best = st['best']
-    if rank0: run.truncate_metrics(lambda r: r['epoch'] <= start)   # rows of epochs after `last` (logged, then a crash)
+    start, best = resume(run, cfg.epochs, partial(load_weights, net), opt, sched, scaler, key='model', truncate=rank0)   # after an interruption
     model = net
     if world > 1: model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
     def log_epoch(epoch, train_loss, seconds):
@@ -399,22 +382,16 @@ def _train_erm(cfg, run, splits, device, indices)->dict:
     with autotune_kernels(cfg, device):
         if first: log_epoch(0, float('nan'), 0.0)
         if rank0 and 0 in cfg.keep_epochs and not run.has_checkpoint('epoch_0'): run.save_checkpoint('epoch_0', train_weights(net))
-        bar = tqdm(range(start + 1, cfg.epochs + 1), desc=f'ERM {cfg.dataset} seed {cfg.seed}',
-                   disable=not show_progress() or not rank0, initial=start, total=cfg.epochs)
-        for epoch in bar:
-            t0 = time.perf_counter()
-            loss = train_epoch(model, opt, train, cfg, epoch, device, indices=indices, scaler=scaler)
-            sched.step(loss)
-            row = log_epoch(epoch, loss, time.perf_counter() - t0)
-            bar.set_postfix(loss=f'{loss:.3f}', val_wga=f"{row['val']['wga']:.3f}")
-            improved = row['val']['wga'] > best['wga']
-            if improved: best = {'epoch': epoch, 'wga': row['val']['wga']}
-            if not rank0: continue
+        def step(epoch):
+            t0 = time.perf_counter(); loss = train_epoch(model, opt, train, cfg, epoch, device, indices=indices, scaler=scaler)
+            return loss, dict(train_loss=loss, seconds=time.perf_counter() - t0)
+        def checkpoint(epoch, best, improved):            # rank 0 writes: kept epochs, `best` when val WGA improves, `last` always
+            if not rank0: return
             if epoch in cfg.keep_epochs: run.save_checkpoint(f'epoch_{epoch}', train_weights(net))
             if improved: run.save_checkpoint('best', train_weights(net))
-            state = dict(model=train_weights(net), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best=best)
-            if scaler is not None: state['scaler'] = scaler.state_dict()
-            run.save_checkpoint('last', state)
+            run.save_checkpoint('last', resume_state(train_weights(net), 'model', opt, sched, epoch, best, scaler))
+        best = fit_epochs(step, cfg.epochs, start, log_epoch, sched, best=best, on_epoch=checkpoint,
+                          desc=f'ERM {cfg.dataset} seed {cfg.seed}', progress=False if not rank0 else None)
     _barrier()                                            # the other ranks read what rank 0 wrote
     rows = {r['epoch']: r for r in run.metrics()}
     best_epoch = best['epoch'] if best['epoch'] >= 0 else cfg.epochs   # no val WGA (empty groups): keep the last
