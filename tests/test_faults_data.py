@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-import silent_majority.data as D
+import silent_majority.spuco as D   # the module that holds the SpuCo colour rule (silent_majority.data re-exports it)
 from silent_majority.data import (WATERBIRDS_HEADER, waterbirds_fixture, celeba_fixture, load_waterbirds, load_celeba,
                                   eval_transform, to_rgb, decode_images, spuco_mnist, spuco_class_colors,
                                   spuco_train_counts)

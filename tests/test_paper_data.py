@@ -138,7 +138,7 @@ def test_training_batches_from_the_map_leave_the_file_alone(roots, fresh_cache):
 def test_concurrent_builders_decode_once(roots, fresh_cache, monkeypatch):
     "Two loaders of one split at once: one builds under the file lock, the other waits and maps the same file."
     import threading, time
-    import silent_majority.data as D
+    import silent_majority.imagecache as D   # the module that builds the cache (silent_majority.data re-exports its loaders)
     built, build = [], D._build_cache
     def slow_build(*a, **k):                       # hold the lock a moment so that the other loader arrives meanwhile
         built.append(1); time.sleep(0.5); build(*a, **k)
