@@ -11,9 +11,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from .core import (SCALES, CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, numerics_record,
                                   training_threads)
 from .data import GroupDataset, HALF_NORM, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
@@ -68,6 +65,9 @@ def linear_probe(
     for k, (Xe, _) in evals.items():
         if Xe.shape[1] != X.shape[1]:
             raise ValueError(f'{k}: features have {Xe.shape[1]} dimensions, expected {X.shape[1]} like the training features')
+    from sklearn.linear_model import LogisticRegression   # here, not at import: scikit-learn takes a second or two
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
     model.fit(X, y)
     res = {'train': float(model.score(X, y))}

@@ -287,25 +287,13 @@ def finetune(cfg:FinetuneConfig, run:Run|None=None, device=None)->dict:
     with training_threads(cfg) as threads:
         return dict(_finetune(cfg, run, device), torch_threads=threads, numerics=numerics_record())
 
-def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:
+def _finetune(cfg:FinetuneConfig, run:Run|None, device)->dict:   # `finetune_model` on the ERM model at the kick-in epoch, in the run's folder
     run = run or Run(cfg, kind='finetune'); device = get_device(device)
-    erm = cached_erm(erm_of(cfg), device=device); splits = erm.splits(); train = splits['train']
-    kept_epoch(erm.cfg, cfg.kick_in, 'kick_in'); seed_everything(cfg.seed)
-    model, head, opt = initial_models(cfg, erm, device)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, 'min', factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    scaler = grad_scaler(cfg.amp, device)
-    start, best = resume(run, cfg.epochs, lambda st: _load_state(model, head, st), opt, sched, scaler, key='weights', what='fine-tune')
-    def log(epoch, **kw):
-        row = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], **kw)
-        row.update({s: evaluate(model, splits[s], device=device) for s in ('val', 'test')}); run.log(**row); return row
-    if start == 0 and not run.metrics(): log(0)
-    def checkpoint(epoch, best, improved):               # `best` when val WGA improves; `last` with its resume state, always
-        if improved: run.save_checkpoint('best', _state(model, head))
-        run.save_checkpoint('last', resume_state(_state(model, head), 'weights', opt, sched, epoch, best, scaler))
-    best = _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start, best, log, checkpoint,
-                          desc=f'fine-tune {cfg.dataset} seed {cfg.seed}')
-    rows = {r['epoch']: r for r in run.metrics()}
-    b = best['epoch'] if best['epoch'] > 0 else cfg.epochs
+    erm = cached_erm(erm_of(cfg), device=device); splits = erm.splits()
+    model = erm.model(kept_epoch(erm.cfg, cfg.kick_in, 'kick_in'), device=device)
+    _, hist = finetune_model(model, splits['train'], splits['val'], cfg.criterion, cfg.epochs, splits['test'], cfg.seed, device,
+                             run=run, **{k: getattr(cfg, k) for k in FINETUNE_OPTIONS})
+    rows = {r['epoch']: r for r in run.metrics()}; b = hist.attrs['best_epoch']
     return dict(best_epoch=b, best=rows[b], erm_start=rows[0], last=rows[cfg.epochs], erm_run=erm.run.dir.name)
 
 class FinetuneRun:
@@ -340,9 +328,10 @@ def finetune_model(
     test:GroupDataset|None=None,  # evaluated each epoch too (reported, never used to select)
     seed:int=0,                   # batch order, augmentation, head init, gradient samples
     device=None,
+    run:Run|None=None,            # a folder to log each epoch in, with `best` and a resumable `last` (resumed if present); None -> in memory
     **options,                    # training fields of `FinetuneConfig`, see FINETUNE_OPTIONS
 )->tuple[nn.Module, pd.DataFrame]: # the model at its best epoch (eval mode); one row per (epoch, split, group)
-    "Stage II on any model and `GroupDataset` splits, without the run cache. Module `silent_majority.finetune`."
+    "Stage II on any model and `GroupDataset` splits, in memory or in a run folder; the paper's cached runs (`cached_finetune`) go through it too. Module `silent_majority.finetune`."
     bad = sorted(set(options) - set(FINETUNE_OPTIONS))
     if bad: raise ValueError(f'unknown fine-tuning options {bad}: expected some of {list(FINETUNE_OPTIONS)}')
     for what, ds in (('train', train), ('val', val), ('test', test)):
@@ -355,16 +344,28 @@ def finetune_model(
     seed_everything(cfg.seed)
     model, head, opt = _head_and_optimizer(model, train, cfg, device)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, 'min', factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    scaler = grad_scaler(cfg.amp, device)
+    start, best = (0, NO_BEST) if run is None else resume(run, cfg.epochs, lambda st: _load_state(model, head, st), opt, sched, scaler,
+                                                          key='weights', what='fine-tune')
     evals = {'val': val, **({'test': test} if test is not None else {})}
     rows, kept = [], {}
     def log(epoch, **kw):
         row = dict(epoch=epoch, lr=opt.param_groups[0]['lr'], **kw)
-        row.update({s: evaluate(model, ds, device=device) for s, ds in evals.items()}); rows.append(row); return row
-    def keep(epoch, best, improved):
-        if improved: kept['best'] = copy.deepcopy(cpu_weights(model))
-    log(0)
-    best = _stage2_epochs(model, head, opt, sched, grad_scaler(cfg.amp, device), cfg, train, device, 0, NO_BEST, log, keep)
-    if 'best' in kept: load_weights(model, kept['best'])       # no val WGA (empty groups): the last epoch's weights stay
+        row.update({s: evaluate(model, ds, device=device) for s, ds in evals.items()}); rows.append(row)
+        if run is not None: run.log(**row)
+        return row
+    def keep(epoch, best, improved):                   # the best weights; in a run, `best` and `last` with its resume state
+        if run is None:
+            if improved: kept['best'] = copy.deepcopy(cpu_weights(model))
+            return
+        if improved: run.save_checkpoint('best', _state(model, head))
+        run.save_checkpoint('last', resume_state(_state(model, head), 'weights', opt, sched, epoch, best, scaler))
+    if start == 0 and not (run is not None and run.metrics()): log(0)
+    best = _stage2_epochs(model, head, opt, sched, scaler, cfg, train, device, start, best, log, keep)
+    if run is not None:
+        rows = run.metrics()                             # with the epochs before a resumption
+        if best['epoch'] > 0: _load_state(model, None, run.load_checkpoint('best'))
+    elif 'best' in kept: load_weights(model, kept['best'])   # no val WGA (empty groups): the last epoch's weights stay
     hist = metrics_frame(rows, val.group_names)
     hist.attrs.update(best_epoch=best['epoch'] if best['epoch'] > 0 else cfg.epochs, config=dataclasses.asdict(cfg))
     return model.eval(), hist

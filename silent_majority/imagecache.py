@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import NamedTuple
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm import tqdm
 from silent_majority.core import (cache_dir, data_dir, atomic_path, atomic_write, file_sha256, CorruptFileError,
@@ -36,6 +35,7 @@ def to_rgb(img:Image.Image)->Image.Image: # any PIL image
 
 def eval_transform(img:Image.Image, size:int=224)->torch.Tensor: # uint8, 3 x size x size
     "The evaluation transform: RGB (`to_rgb`), resize to a square of side int(size*256/224), centre-crop `size`. Module `silent_majority.imagecache`."
+    import torchvision.transforms.functional as TF   # here, not at import: torchvision takes seconds to import
     s = int(size * 256 / 224)
     img = TF.resize(to_rgb(img), [s, s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, [size, size]))

@@ -10,15 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 from .core import load_torch
 
 # %% auto #0
 __all__ = ['MODELS', 'TRANSFORMER_ARCHS', 'OFFICIAL_ARCHS', 'n_params', 'tiny_cnn', 'LeNetBackbone', 'LeNet', 'lenet',
-           'SmallResNet', 'small_resnet', 'load_weights', 'weights_file', 'resnet50', 'deit_to_torchvision', 'vit_s16',
-           'classifier_name', 'outputs_probabilities', 'add_softmax_output', 'build_model', 'load_official_checkpoint']
+           'BasicBlock', 'SmallResNet', 'small_resnet', 'load_weights', 'weights_file', 'resnet50',
+           'deit_to_torchvision', 'vit_s16', 'classifier_name', 'outputs_probabilities', 'add_softmax_output',
+           'build_model', 'load_official_checkpoint']
 
 # %% ../nbs/02_models.ipynb #74d7f7da
 @contextlib.contextmanager
@@ -90,6 +89,22 @@ def lenet(n_classes:int=5, in_ch:int=3, seed:int|None=None)->LeNet: # seed: seed
     with _seeded(seed): return LeNet(n_classes, in_ch)
 
 # %% ../nbs/02_models.ipynb #6610ef15
+class BasicBlock(nn.Module):
+    "The residual block of `SmallResNet`: two 3x3 convolutions with batch norm, plus the input (through `downsample` when the shape changes). Its parameters carry torchvision's `BasicBlock` names and order, so weights and seeded initialisations match; torchvision itself is imported only by the ImageNet models. Module `silent_majority.models`."
+    def __init__(self, inplanes:int, planes:int, stride:int=1, downsample:nn.Module|None=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample, self.stride = downsample, stride
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
 class SmallResNet(nn.Module):
     "A torchvision-style BasicBlock ResNet for small images: 3x3 stem, stages `layer1..layerN`, `fc`. Module `silent_majority.models`."
     def __init__(self,
@@ -110,7 +125,7 @@ class SmallResNet(nn.Module):
             layers = []
             for j in range(n):
                 s = 2 if i > 0 and j == 0 else 1
-                down = nn.Sequential(conv1x1(c, w, s), nn.BatchNorm2d(w)) if s != 1 or c != w else None
+                down = nn.Sequential(nn.Conv2d(c, w, kernel_size=1, stride=s, bias=False), nn.BatchNorm2d(w)) if s != 1 or c != w else None
                 layers.append(BasicBlock(c, w, s, down)); c = w
             setattr(self, self.stages[i], nn.Sequential(*layers))
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, n_classes)
@@ -197,9 +212,10 @@ def resnet50(
     n_classes:int=2,
     weights_path:str|Path|None=None, # a local torchvision ImageNet state dict, e.g. resnet50-0676ba61.pth
     seed:int|None=None,              # seeds the initialisation (of `fc` alone when weights are loaded)
-)->torchvision.models.ResNet:
+)->nn.Module:                        # torchvision's ResNet
     "torchvision's ResNet-50, optionally with local ImageNet weights, and a new `fc` for `n_classes`. Module `silent_majority.models`."
     _check_sizes(n_classes=n_classes)
+    import torchvision                          # here, not at import: it takes seconds and only the ImageNet models need it
     sd = None if weights_path is None else _pretrained_state(weights_path, 'ResNet-50 ImageNet weights')
     with _seeded(seed):
         model = torchvision.models.resnet50(weights=None)
@@ -240,8 +256,9 @@ def vit_s16(
     n_classes:int=2,
     weights_path:str|Path|None=None, # a local DeiT-S file (timm format) or a torchvision-format ViT-S/16 state dict
     seed:int|None=None,              # seeds the initialisation
-)->torchvision.models.VisionTransformer:
+)->nn.Module:                        # torchvision's VisionTransformer
     "ViT-S/16 (DeiT-S shape) as torchvision's `VisionTransformer`, optionally with local weights, and a new head. Module `silent_majority.models`."
+    import torchvision                          # here, not at import (see resnet50)
     _check_sizes(n_classes=n_classes)
     sd = None if weights_path is None else _pretrained_state(weights_path, 'ViT-S/16 (DeiT-S) weights')
     with _seeded(seed):
