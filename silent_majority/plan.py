@@ -17,8 +17,9 @@ from .contrastive import ContrastiveConfig, contrastive_config
 from .cluster import Task
 
 # %% auto #0
-__all__ = ['FIG1_SEEDS', 'STAGE1_SEEDS', 'ABLATION_SEEDS', 'CALIBRATION_SEEDS', 'CALIBRATION_GRID', 'COURSE_DIFFICULTY_GRID',
-           'CONTRASTIVE_GRID', 'FIGURE_RUNS', 'PLAN_PARAMETERS', 'ablation_variants', 'calibration_runs', 'figure_runs',
+__all__ = ['FIG1_SEEDS', 'STAGE1_SEEDS', 'ABLATION_SEEDS', 'CALIBRATION_SEEDS', 'FIG6_SEEDS', 'COURSE_SEEDS', 'CONTRASTIVE_SEEDS',
+           'CONTROL_STRENGTH', 'CALIBRATION_GRID', 'COURSE_DIFFICULTY_GRID', 'CONTRASTIVE_GRID', 'FIGURE_RUNS',
+           'PLAN_PARAMETERS', 'ablation_variants', 'fig6_datasets', 'control_seeds', 'calibration_runs', 'figure_runs',
            'figure_tasks', 'unplanned_runs', 'run_requirements', 'plan', 'dry_run']
 
 # %% ../nbs/14_plan.ipynb #e8deb28f
@@ -50,6 +51,20 @@ FIG1_SEEDS = {'smoke': 2, 'cpu': 3, 'paper': 3}   # seeds of Fig. 1's group tabl
 STAGE1_SEEDS = {'smoke': 1, 'cpu': 3, 'paper': 3} # ERM seeds of the Stage I notebooks that read every claim on several models
 ABLATION_SEEDS = {'smoke': 1, 'cpu': 3, 'paper': 3} # seeds of the fine-tuning ablations (Supplementary Tables 4-10), each variant paired with the default on every seed
 CALIBRATION_SEEDS = {'smoke': 1, 'cpu': 3, 'paper': 3}
+FIG6_SEEDS = {'smoke': 2, 'cpu': 5, 'paper': 5}     # Fig. 6 / Table 12: each method's gain over ERM is paired seed by seed
+COURSE_SEEDS = {'c1_spuco_jtt': {'smoke': 2, 'cpu': 3, 'paper': 3},      # the course's ERM and JTT LeNets
+                'c2_layer_pruning': {'smoke': 1, 'cpu': 3, 'paper': 3}}
+CONTRASTIVE_SEEDS = {'smoke': 1, 'cpu': 3, 'paper': 3}   # c3's networks; c4 prunes the same ones
+CONTROL_STRENGTH = 0.25                                 # c3's control: the colour independent of the digit
+
+def fig6_datasets(dataset:str, scale:str)->list: # 'both' or one stand-in
+    "The datasets Fig. 6 compares methods on: both stand-ins for 'both' (at smoke scale the first alone: the code path is the same). Module `silent_majority.plan`."
+    datasets = ['waterbirds_like', 'celeba_like'] if dataset == 'both' else [dataset]
+    return datasets[:1] if scale == 'smoke' else datasets
+
+def control_seeds(seeds:list, scale:str)->list:
+    "The seeds of c3's colour-independent control: every seed at paper scale, the first elsewhere (a control costs as much as a seed). Module `silent_majority.plan`."
+    return list(seeds) if scale == 'paper' else list(seeds)[:1]
 def _setting(**kw): return dict(regime='scratch', **kw)   # every knob explicit: a grid entry never moves with the defaults
 
 CALIBRATION_GRID = {   # the stand-ins' settings searched in nbs/paper/calibration.ipynb, in the order tried: name -> `erm_config` keywords
@@ -98,11 +113,9 @@ def _stage1(dataset, scale, seed, arch=None): return _erm(dataset, scale, seed, 
 def _finetune(cfg:FinetuneConfig): return [('erm', erm_of(cfg)), ('finetune', cfg)]
 
 def _fig6(dataset, scale, seed, arch=None):
-    datasets = ['waterbirds_like', 'celeba_like'] if dataset == 'both' else [dataset]
-    if scale == 'smoke': datasets = datasets[:1]
     out = []
-    for d in datasets:
-        for s in range(seed, seed + (2 if scale == 'smoke' else 5)):
+    for d in fig6_datasets(dataset, scale):
+        for s in range(seed, seed + FIG6_SEEDS[scale]):
             cfg = finetune_config(d, scale, 'paper', s, **_ft(arch))
             out += _finetune(cfg) + [('finetune', dataclasses.replace(cfg, criterion='magnitude')),
                                      ('jtt', jtt_same_budget(cfg))]
@@ -114,14 +127,14 @@ def _tab4_10(dataset, scale, seed, arch=None):
         for over in ablation_variants(scale).values(): out += _finetune(finetune_config(dataset, scale, 'paper', s, **over, **_ft(arch)))
     return out
 
-def _course(dataset, scale, seed, n):
-    n_seeds = {'smoke': n[0], 'cpu': 3, 'paper': 3}[scale]
-    return [(f'course-{m}', course_config(scale, m, s, dataset=dataset)) for s in range(seed, seed + n_seeds) for m in ('erm', 'jtt')]
+def _course(dataset, scale, seed, figure):
+    return [(f'course-{m}', course_config(scale, m, s, dataset=dataset)) for s in range(seed, seed + COURSE_SEEDS[figure][scale])
+            for m in ('erm', 'jtt')]
 
 def _contrastive(scale, seed, control:bool):
-    seeds = range(seed, seed + (1 if scale == 'smoke' else 3))
+    seeds = range(seed, seed + CONTRASTIVE_SEEDS[scale])
     out = [('contrastive', contrastive_config(scale, s)) for s in seeds]
-    if control: out += [('contrastive', contrastive_config(scale, s, strength=0.25)) for s in (seeds if scale == 'paper' else list(seeds)[:1])]
+    if control: out += [('contrastive', contrastive_config(scale, s, strength=CONTROL_STRENGTH)) for s in control_seeds(seeds, scale)]
     return out
 
 FIGURE_RUNS = {   # figure id -> (default dataset, function(dataset, scale, seed) -> [(kind, config)])
@@ -134,8 +147,8 @@ FIGURE_RUNS = {   # figure id -> (default dataset, function(dataset, scale, seed
     'fig6_finetune_wga': ('both', _fig6), 'tab4_10_ablations': ('waterbirds_like', _tab4_10),
     'fig10_gradcam': ('waterbirds_like', lambda d, sc, s, arch=None: [r for k in range(s, s + STAGE1_SEEDS[sc])
                                                                       for r in _finetune(finetune_config(d, sc, 'paper', k, **_ft(arch)))]),
-    'c1_spuco_jtt': ('spuco_mnist', lambda d, sc, s: _course(d, sc, s, (2,))),
-    'c2_layer_pruning': ('spuco_mnist', lambda d, sc, s: _course(d, sc, s, (1,))),
+    'c1_spuco_jtt': ('spuco_mnist', lambda d, sc, s: _course(d, sc, s, 'c1_spuco_jtt')),
+    'c2_layer_pruning': ('spuco_mnist', lambda d, sc, s: _course(d, sc, s, 'c2_layer_pruning')),
     'c3_contrastive': ('color_mnist4', lambda d, sc, s: _contrastive(sc, s, True)),
     'c4_contrastive_pruning': ('color_mnist4', lambda d, sc, s: _contrastive(sc, s, False)),
 }
