@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_classify.ipynb #28ab1a50
 from __future__ import annotations
-import dataclasses, os, time
+import dataclasses, time
 from collections.abc import Callable
 from dataclasses import dataclass
 import numpy as np
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import (SCALES, CachedRun, Run, cached_run, check_fields, cpu_weights, get_device, seed_everything, numerics_record,
                                   training_threads)
-from .data import GroupDataset, HALF_NORM, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
+from .data import GroupDataset, to_float, spuco_mnist, SPUCO_CLASSES, SPUCO_DIFFICULTIES
 from .models import LeNet, lenet, load_weights
 from .metrics import predict, group_metrics
 from .loop import batches, epoch_order, fit_epochs, optimizer_step

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_contrastive.ipynb #cfe17bc5
 from __future__ import annotations
-import dataclasses, functools, math, os, time
+import dataclasses, functools, math, time
 from collections import OrderedDict
 from dataclasses import dataclass
 import numpy as np

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_train.ipynb #503d730f
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, math, os, sys, time, warnings
+import argparse, contextlib, dataclasses, json, os, sys, time, warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import (SCALES, CacheWriteError, CachedRun, DamagedRunWarning, Run, cached_run, check_fields, cpu_weights, numerics_record,
-                                  seed_everything, get_device, config_dict, parse_assignment, training_threads, environ)
+                                  seed_everything, get_device, parse_assignment, training_threads)
 from .data import GroupDataset, spurious_mnist, sklearn_digits, load_waterbirds, load_celeba, to_float, augment
 from .metrics import predict, group_metrics, evaluate   # re-exported: `silent_majority.train.evaluate` as before
 from .loop import batches, epoch_order, fit_epochs, optimizer_step, resume, resume_state
