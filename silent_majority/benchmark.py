@@ -12,7 +12,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 from PIL import Image
 from .core import SCALES, atomic_write, environ, figures_dir, get_device, to_json
-from .neurons import (apply_modification, gradient_scores, gradient_samples, magnitude_scores, top_k,
+from .neurons import (apply_modification, gradient_scores, magnitude_scores, top_k,
                                      GRADIENT_SAMPLE_RULES)
 from .models import outputs_probabilities
 from .tracing import TracingEngine, tracing_engine, unstructured_tracing, structured_tracing

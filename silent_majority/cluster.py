@@ -15,7 +15,7 @@ from .core import atomic_write, cache_dir, config_dict, run_name, show_progress,
 from .train import (ERMConfig, PretrainConfig, SCALES, TRAIN_PRESETS, REAL_DATASETS, SYNTHETIC_DATASETS, cached_erm,
                                    cached_pretrain, erm_config, pretrain_of, PRETRAIN_INITS)
 from .finetune import FinetuneConfig, MASK_CRITERIA, cached_finetune, erm_of, finetune_config
-from .baselines import JTTConfig, cached_jtt, jtt_config, jtt_same_budget
+from .baselines import JTTConfig, cached_jtt, jtt_same_budget
 from .classify import CourseConfig, course_model
 from .contrastive import ContrastiveConfig, train_contrastive
 

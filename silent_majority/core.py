@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #f114c2b5
 from __future__ import annotations
-import ast, contextlib, dataclasses, functools, hashlib, io, json, math, os, pickle, random, shutil, tempfile, time, types, typing, warnings
+import ast, contextlib, dataclasses, functools, hashlib, json, math, os, pickle, random, shutil, tempfile, types, typing, warnings
 from pathlib import Path
 from .numerics import DEFAULT_NUMERICS, check_numerics, numerics_mode, numerics_state, set_numerics
 set_numerics()                      # before torch's first operation in this process: see nbs/00_numerics.ipynb

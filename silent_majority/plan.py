@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, os
 from pathlib import Path
 import pandas as pd
-from .core import cache_dir, config_hash, data_dir, run_name
+from .core import cache_dir, data_dir, run_name
 from .data import MNIST_FILES
 from .train import ERMConfig, PretrainConfig, erm_config, REAL_DATASETS, SYNTHETIC_DATASETS, _IMAGENET_FILES
 from .finetune import FinetuneConfig, finetune_config, erm_of

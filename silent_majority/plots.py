@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_plots.ipynb #8d3816cf
 from __future__ import annotations
-import datetime, json, os, platform, re, subprocess, sys, time
+import datetime, json, os, platform, re, subprocess, time
 from importlib import metadata
 from pathlib import Path
 import matplotlib

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_tracing.ipynb #31791499
 from __future__ import annotations
-import collections, time
+import collections
 from collections.abc import Callable
 import numpy as np
 import pandas as pd
@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 from .core import TRAINING_THREADS, full_fp32, get_device, pinned_threads, show_progress
-from .data import GroupDataset, to_float
+from .data import to_float
 from .neurons import (candidate_layers, default_candidates, magnitude_scores, group_gradient_scores, top_k, bottom_k,
-                                     random_k, modify, scores_frame, resolve_k, MODES, CANDIDATE_PRESETS, preset_candidates)
+                                     random_k, modify, scores_frame, resolve_k, MODES, preset_candidates)
 from .train import ERMRun, erm_config, cached_erm, kept_epoch
 
 # %% auto #0

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from .core import Run, cache_dir, config_hash, figures_dir
 from .neurons import MODES, candidate_layers, scores_frame
 from .plots import GROUP_COLORS, save_figure
-from .tracing import CRITERIA, TracingEngine, engine_for, trace_epoch, rewind_references
+from .tracing import CRITERIA, TracingEngine, engine_for, rewind_references
 from .train import ERMConfig, ERMRun, SCALES, SYNTHETIC_DATASETS, erm_config, cached_erm
 
 # %% auto #0
