@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['REPORTED', 'Reported', 'reported', 'Finding', 'mean_sd', 'paired', 'verdict', 'verdict_word']
+__all__ = ['REPORTED', 'Reported', 'reported', 'Finding', 'mean_sd', 'paired', 'verdict', 'verdict_word', 'require_columns',
+           'require_values']
 
 # %% ../nbs/16_claims.ipynb #aa7797f5
 @dataclass(frozen=True)
@@ -129,3 +130,19 @@ def verdict(holds, *values)->bool|str:
 def verdict_word(holds)->str:
     "HOLDS, DOES NOT HOLD, or the reason a claim was not testable, for the text under a figure. Module `silent_majority.claims`."
     return holds if isinstance(holds, str) else ('HOLDS' if holds else 'DOES NOT HOLD')
+
+# %% ../nbs/16_claims.ipynb #b24f6626
+def require_columns(df, columns, what:str='df'):
+    "Raise a TypeError unless `df` is a DataFrame, and a ValueError naming the expected and the missing columns unless it has all of `columns`. Module `silent_majority.claims`."
+    if not isinstance(df, pd.DataFrame): raise TypeError(f'{what} must be a DataFrame with the columns {list(columns)}, got {type(df).__name__}')
+    missing = [c for c in columns if c not in df.columns]
+    if missing: raise ValueError(f'{what} must have the columns {list(columns)}; missing {missing}')
+
+def require_values(found, expected, what:str):
+    "Raise a ValueError unless the values `found` in the data are, as a set, the `expected` ones (the settings'): '{what}: expected [...], the data hold [...]'. Module `silent_majority.claims`."
+    found, expected = set(found), set(expected)
+    if found != expected: raise ValueError(f'{what}: expected {_sorted(expected)} (the settings), the data hold {_sorted(found)}')
+
+def _sorted(values)->list:
+    try: return sorted(values)
+    except TypeError: return sorted(values, key=str)   # mixed types: in the order of their text
