@@ -27,22 +27,22 @@ from .widgets import *
 from .plan import *
 from .cluster import *
 
-NOTEBOOK_NAMES = (   # every package name the figure notebooks (nbs/paper, nbs/course) use
+NOTEBOOK_NAMES = (   # every package name the figure notebooks (nbs/paper, nbs/course) and nbs/explore.ipynb use
     'ABLATION_SEEDS', 'CALIBRATION_GRID', 'CALIBRATION_SEEDS', 'COLOR4_NAMES', 'COLOR4_RGB', 'CONTRASTIVE_GRID',
     'COURSE_DIFFICULTY_GRID', 'CRITERIA', 'DIGIT_COLORS', 'ENCODER_LAYERS', 'ERMConfig', 'ERMRun', 'Explorer', 'FIG1_SEEDS',
-    'Finding', 'GROUP_COLORS', 'GroupDataset', 'LENET_LAYERS', 'METHODS', 'MODES', 'PAPER_NUMBERS', 'RATIOS', 'RUNNERS', 'Run',
+    'GROUP_COLORS', 'GroupDataset', 'LENET_LAYERS', 'METHODS', 'MODES', 'PAPER_NUMBERS', 'RATIOS', 'RUNNERS', 'Run',
     'SCALES', 'STAGE1_SEEDS', 'SYNTHETIC_DATASETS', 'TracingEngine', 'ablation_variants', 'atomic_write', 'cache_dir',
     'cached_erm', 'cached_finetune', 'calibration_runs', 'candidate_layers', 'clip_err', 'compare_methods', 'config_dict',
     'config_hash', 'contrastive_config', 'control_group', 'course_config', 'course_metrics', 'course_model', 'embeddings',
-    'engine_for', 'erm_config', 'erm_of', 'evaluate', 'explore_view', 'figure_png', 'figures_dir', 'finetune_config',
-    'finetune_model', 'finetune_rows', 'git_state', 'grad_cam', 'gradient_samples', 'gradient_scores', 'group_accuracy',
+    'engine_for', 'erm_config', 'erm_of', 'explore_view', 'figure_png', 'figures_dir', 'finetune_config',
+    'finetune_rows', 'git_state', 'grad_cam',
     'group_label', 'group_table', 'jtt_same_budget', 'last_conv', 'layer_pruning_sweep', 'layer_rewinding', 'list_erm_runs',
-    'load_engine', 'machine_info', 'mean_sd', 'neuron_layers', 'package_versions', 'paired', 'plot_k_bars', 'plot_sigma_sweep',
-    'plot_split_groups', 'plot_view', 'probe', 'rank_histograms', 'regime_of', 'repo_root', 'reported', 'resolve_k',
+    'load_engine', 'machine_info', 'neuron_layers', 'package_versions', 'plot_k_bars', 'plot_sigma_sweep',
+    'plot_split_groups', 'plot_view', 'probe', 'rank_histograms', 'regime_of', 'repo_root', 'resolve_k',
     'rewind_references', 'save_figure', 'scope_layers', 'scope_size', 'scores_frame', 'seed_dots', 'seed_summaries',
-    'set_style', 'structured_tracing', 'to_float', 'top_k', 'tracing_engine', 'train_contrastive', 'unstructured_tracing',
-    'verdict', 'verdict_word', 'weight_std')
+    'set_style', 'structured_tracing', 'to_float', 'tracing_engine', 'train_contrastive', 'unstructured_tracing', 'weight_std')
 API_NAMES = (        # your own model (tutorial_own_model.ipynb) and the README's entry points
+    'evaluate', 'group_accuracy', 'gradient_samples', 'gradient_scores', 'top_k', 'finetune_model',
     'HALF_NORM', 'IMAGENET_MEAN', 'IMAGENET_STD', 'augment', 'spurious_mnist', 'sklearn_digits', 'affine_warp', 'mnist_digits',
     'spuco_mnist', 'color_mnist4', 'load_waterbirds', 'load_celeba', 'build_model', 'predict', 'group_metrics',
     'cached_pretrain', 'pretrain_of', 'magnitude_scores', 'group_gradient_scores', 'default_candidates', 'bottom_k',
