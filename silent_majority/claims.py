@@ -108,10 +108,10 @@ def _series(v, what)->pd.Series:
     if not len(v): raise ValueError(f'{what} is empty: no seeds to summarise')
     return v.astype(float)
 
-def mean_sd(v, unit:str=' %', digits:int=1)->str:
-    "'12.3 ± 4.5 %' over seeds (only the mean for one seed). Module `silent_majority.claims`."
-    v = _series(v, 'v')
-    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}{unit}" if len(v) > 1 else f"{v.mean():.{digits}f}{unit}"
+def mean_sd(v, unit:str=' %', digits:int=1, spec:str|None=None, pm:str=' ± ', sign:bool=False)->str:
+    "'12.3 ± 4.5 %' over seeds (only the mean for one seed). `spec` formats both numbers instead of `digits` (e.g. '.1%'), `pm` joins them, `sign` puts '+' on a positive mean. Module `silent_majority.claims`."
+    v, spec = _series(v, 'v'), spec or f'.{digits}f'
+    return format(v.mean(), ('+' if sign else '') + spec) + (f"{pm}{v.std():{spec}}" if len(v) > 1 else '') + unit
 
 def paired(a, b=None, name:str='', unit:str='points', digits:int=1)->str:
     "The paired per-seed difference `a - b` (Series indexed by seed; `b=None`: `a` is the difference): 'name +1.2 ± 0.8 points, higher in 3/3 seeds'. Module `silent_majority.claims`."
@@ -120,8 +120,7 @@ def paired(a, b=None, name:str='', unit:str='points', digits:int=1)->str:
         b = _series(b, 'b')
         if set(a.index) != set(b.index): raise ValueError(f'a and b must hold the same seeds, got {sorted(a.index)} and {sorted(b.index)}')
         a = a - b.reindex(a.index)
-    txt = f"{a.mean():+.{digits}f}" + (f" ± {a.std():.{digits}f}" if len(a) > 1 else '')
-    return f"{name} {txt}".lstrip() + f" {unit}, higher in {int((a > 0).sum())}/{len(a)} seeds"
+    return f"{name} {mean_sd(a, '', digits, sign=True)}".lstrip() + f" {unit}, higher in {int((a > 0).sum())}/{len(a)} seeds"
 
 def verdict(holds, *values)->bool|str:
     "`holds`, unless every compared value is 0 (a comparison of runs all at 0 % tests nothing): then the reason. Module `silent_majority.claims`."

@@ -95,7 +95,9 @@ def layer_pruning_table(
     flat_tol:float=0.01,    # "flat": average accuracy at most this far below the unpruned model
 )->pd.DataFrame:            # one row per method and layer
     "Per model and pruned layer: how far accuracy stays flat, and accuracy and worst-group accuracy unpruned and at the highest ratio below 1 (means over seeds). Module `silent_majority.findings_course`."
-    mean = _pruning_means(df, ratios, layers)
+    return _pruning_table(_pruning_means(df, ratios, layers), ratios, layers, flat_tol)
+
+def _pruning_table(mean, ratios, layers, flat_tol):   # `layer_pruning_table` from the means of `_pruning_means`
     def flat_until(m, lab):
         mu = mean.loc[(m, 'mean_acc', lab)]; base = mu.loc[0.0]; r_ok = 0.0
         for r in sorted(mu.index):
@@ -127,8 +129,8 @@ def layer_pruning_findings(
 )->dict:                    # the sidecar summary: claim_holds, text, claim, findings, ...
     "c2's two findings on the JTT model: accuracy flat up to 0.7 in every layer; the classifier's worst-group-accuracy drop at the highest ratio below 1 the smallest. Module `silent_majority.findings_course`."
     if 'classifier' not in layers: raise ValueError(f"layers must hold the last layer 'classifier', got {list(layers)}")
-    table = layer_pruning_table(df, ratios, layers, flat_tol)
     mean = _pruning_means(df, ratios, layers)
+    table = _pruning_table(mean, ratios, layers, flat_tol)
     hi = max(r for r in ratios if r < 1)
     by_layer = {m: table[table.method == m].set_index('layer') for m in _METHODS}
     t, te = by_layer['jtt'], by_layer['erm']

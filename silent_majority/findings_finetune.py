@@ -130,10 +130,8 @@ def gradcam_shares(
              'minority': df[df.group.isin(minority)].groupby(['seed', 'model']).object_share.mean()}
     return pd.concat(share, axis=1).unstack('model')
 
-def _pct(v):   # mean (+- sd over seeds, with more than one)
-    v = np.asarray(v, float); return f'{v.mean():.1%}' + (f' +- {v.std(ddof=1):.1%}' if len(v) > 1 else '')
-
-def _pts(v): v = np.asarray(v, float) * 100; return f'{v.mean():+.1f}' + (f' +- {v.std(ddof=1):.1f}' if len(v) > 1 else '')
+def _pct(v): return mean_sd(v, '', spec='.1%', pm=' +- ')                   # mean (+- sd over seeds, with more than one)
+def _pts(v): return mean_sd(pd.Series(v) * 100, '', 1, pm=' +- ', sign=True)   # the same in signed points
 
 def gradcam_findings(
     df:pd.DataFrame,   # as `gradcam_shares` reads it

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-from .claims import reported, require_columns, require_values, verdict_word
+from .claims import mean_sd, reported, require_columns, require_values, verdict_word
 
 # %% auto #0
 __all__ = ['cases_in_points', 'random_init_cases', 'random_init_findings', 'random_noise_cases', 'random_noise_per_seed',
@@ -299,9 +299,7 @@ def random_noise_findings(
 # %% ../nbs/17b_findings_perturb.ipynb #7101e36b
 _SETS = ('lowest', 'random', 'critical_magnitude', 'critical_gradient')
 
-def _msd(v)->str:
-    "'1.23 +- 0.45': mean (+- sd over the seeds, with more than one)."
-    v = np.asarray(list(v), float); return f'{v.mean():.2f}' + (f' +- {v.std(ddof=1):.2f}' if len(v) > 1 else '')
+def _msd(v)->str: return mean_sd(v, '', 2, pm=' +- ')   # '1.23 +- 0.45': mean (+- sd over the seeds, with more than one)
 
 def _per(v)->str: return ' / '.join(f'{x:.2f}' for x in v)
 

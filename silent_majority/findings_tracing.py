@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-from .claims import Finding, reported, require_columns, require_values, verdict_word
+from .claims import Finding, mean_sd, reported, require_columns, require_values, verdict_word
 from .neurons import resolve_k
 from .plots import group_label
 
@@ -289,8 +289,7 @@ def celeba_topk_findings(
     tab = (df.groupby(['split', 'criterion', 'k', 'group']).abs_delta.mean().unstack() * 100).loc['train']   # the seed-mean table
     wins_mean = int((tab[minority].mean(axis=1) > tab[majority].mean(axis=1)).sum())
     def gl(gs): return ', '.join(f'G{g}' for g in gs)
-    def msd(v, f='.2f'):   # mean (+- sd over seeds, with more than one)
-        v = np.asarray(list(v), float); return f'{v.mean():{f}}' + (f' +- {v.std(ddof=1):{f}}' if len(v) > 1 else '')
+    def msd(v, f='.2f'): return mean_sd(v, '', spec=f, pm=' +- ')   # mean (+- sd over seeds, with more than one)
     def per(v): return ', '.join(str(int(x)) for x in v)   # one count per seed
     sd = ' +- sd' if len(seeds) > 1 else ''
     one_per = 'one per seed; ' if len(seeds) > 1 else ''
